@@ -1,34 +1,43 @@
-"""Command line of the CACA-RNN toolkit: `python cli.py --help`."""
+"""Command line of the CACA-RNN toolkit: `python cli.py --help`.
+
+Commands import their machinery (torch, PyAV, h5py...) only when they run, so that `--help`
+answers at once; the options' defaults and choices come from the light `settings`/`config`
+modules, where they are defined once.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import click
 
-from demo.run import DEFAULT_OUT as DEFAULT_DEMO_OUT, run_demo
-from demo.sample_set import DemoError
-from extract import weights
-from extract.pipeline import DEFAULT_MANIFEST, DEFAULT_OUT, ExtractError, ExtractSettings, extract_split
-from extract.context_cnn import BACKBONES
-from extract.video import DEFAULT_FPS
-from features import tools as feature_tools
-from features.schema import FeatureFileError
-from predict.predict import PredictError, predict_videos
-from train.compare import DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, parse_models, run_compare
-from train.data import PRELOAD_CHOICES
-from train.ensemble import fit_ensemble
-from train.loop import DEFAULT_FEATURES, TrainConfig, TrainError, evaluate_run, train_model
-from train.models import MODEL_NAMES, TRAINABLE_MODELS, ALIASES
-from manifests.builders import build_cheavd, build_folder
-from manifests.manifest import ManifestError, read_manifest, write_manifest
+from extract.settings import (
+    BACKBONES, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION, PRECISIONS,
+)
+from train.config import (
+    ALIASES, DEFAULT_COMPARE, DEFAULT_FEATURES, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS,
+)
 
-
-USER_ERRORS = (weights.WeightsError, ManifestError, ExtractError, FeatureFileError, TrainError, PredictError,
-               DemoError)
+DEFAULT_DEMO_OUT = Path("outputs/demo")
+# Problems users can fix, by module and class name: an exception of one of these classes can
+# only have been raised if its module was loaded, so checking them loads nothing.
+USER_ERRORS = {
+    "extract.weights": "WeightsError",
+    "manifests.manifest": "ManifestError",
+    "extract.pipeline": "ExtractError",
+    "features.schema": "FeatureFileError",
+    "train.loop": "TrainError",
+    "predict.predict": "PredictError",
+    "demo.sample_set": "DemoError",
+}
 # Exit statuses scripts can rely on (documented in the README).
 EXIT_ERROR, EXIT_CLIPS_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 4, 130
+
+
+def user_error_classes() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 class OneLineErrors(click.Group):
@@ -41,13 +50,13 @@ class OneLineErrors(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
-            self._fail(ctx, f"error: {exc}", EXIT_ERROR)
         except KeyboardInterrupt:
             self._fail(ctx, "interrupted", EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except Exception as exc:
+            if isinstance(exc, user_error_classes()):
+                self._fail(ctx, f"error: {exc}", EXIT_ERROR)
             self._fail(ctx, f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback; please"
                             " report it)", EXIT_INTERNAL)
 
@@ -60,15 +69,28 @@ class OneLineErrors(click.Group):
 
 
 @click.group(cls=OneLineErrors)
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Say more: settings, devices, per-clip and per-epoch details, and tracebacks of errors.")
 @click.pass_context
 def cli(ctx, verbose):
     """Video emotion recognition with the paper's CACA-RNN: extract features once, then train.
 
-    Exit status: 0 done, 1 an error you can fix (one line says what), 2 wrong usage,
-    3 finished but some clips failed (extract, predict), 4 internal error, 130 interrupted.
+    Quiet by default: progress bars and results. Exit status: 0 done, 1 an error you can fix
+    (one line says what), 2 wrong usage, 3 finished but some clips failed (extract, predict),
+    4 internal error, 130 interrupted.
+
+    \b
+    Examples:
+      python cli.py demo
+      python cli.py extract --split train
+      python cli.py -v train --model caca
     """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     ctx.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    ctx.with_resource(logging_redirect_tqdm())  # log lines go above the progress bars, not through them
 
 
 @cli.group(name="weights")
@@ -76,6 +98,11 @@ def weights_group():
     """Pretrained weights of the frozen networks: list, fetch, add.
 
     The cache folder is --cache-dir, else $CACA_WEIGHTS_DIR, else ~/.cache/caca-rnn/weights.
+
+    \b
+    Examples:
+      python cli.py weights list
+      python cli.py weights fetch
     """
 
 
@@ -91,7 +118,14 @@ def weights_list(cache_dir):
 
     Status is VERIFIED (present, hash matches), UNPINNED (present; no published hash to
     check against), CORRUPT (present, wrong hash) or MISSING.
+
+    \b
+    Examples:
+      python cli.py weights list
+      python cli.py weights list --cache-dir /shared/caca-weights
     """
+    from extract import weights
+
     cache = weights.cache_dir(cache_dir)
     click.echo("\n".join(weights.describe(weights.status(spec, cache)) for spec in weights.REGISTRY.values()))
 
@@ -111,6 +145,8 @@ def weights_fetch(names, cache_dir):
       python cli.py weights fetch
       python cli.py weights fetch retinaface-mobilenet0.25 mini-xception-fer2013
     """
+    from extract import weights
+
     failures = weights.fetch_many(list(names) or list(weights.REGISTRY), weights.cache_dir(cache_dir), log=click.echo)
     for reason in failures:
         click.echo(f"error: {reason}", err=True)
@@ -128,15 +164,25 @@ def weights_add(name, file, cache_dir):
     Example:
       python cli.py weights add squeezenet1_1-imagenet ~/Downloads/squeezenet1_1-b8a52dc0.pth
     """
+    from extract import weights
+
     click.echo(f"{name}: verified and stored at {weights.add(name, file, weights.cache_dir(cache_dir))}")
 
 
 @cli.group(name="manifest")
 def manifest_group():
-    """Clip lists (CSV: clip_id,path,label,split): build them from a dataset folder, check them."""
+    """Clip lists (CSV: clip_id,path,label,split): build them from a dataset folder, check them.
+
+    \b
+    Examples:
+      python cli.py manifest cheavd --root /data/CHEAVD2.0
+      python cli.py manifest check manifests/cheavd.csv
+    """
 
 
 def _write_built(entries, out: Path) -> None:
+    from manifests.manifest import write_manifest
+
     write_manifest(entries, out)
     splits = sorted({e.split for e in entries})
     counts = ", ".join(f"{split}: {sum(e.split == split for e in entries)}" for split in splits)
@@ -164,6 +210,8 @@ def manifest_cheavd(root, out):
     Example:
       python cli.py manifest cheavd --root /data/CHEAVD2.0 --out manifests/cheavd.csv
     """
+    from manifests.builders import build_cheavd
+
     _write_built(build_cheavd(root), out)
 
 
@@ -177,6 +225,8 @@ def manifest_folder(root, out):
     Example:
       python cli.py manifest folder --root /data/my_clips --out manifests/mine.csv
     """
+    from manifests.builders import build_folder
+
     _write_built(build_folder(root), out)
 
 
@@ -184,7 +234,15 @@ def manifest_folder(root, out):
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--split", help="Check only this split (its files must exist).")
 def manifest_check(manifest, split):
-    """Validate a manifest: columns, unique ids, known labels, existing files; all problems at once."""
+    """Validate a manifest: columns, unique ids, known labels, existing files; all problems at once.
+
+    \b
+    Examples:
+      python cli.py manifest check manifests/cheavd.csv
+      python cli.py manifest check manifests/cheavd.csv --split val
+    """
+    from manifests.manifest import read_manifest
+
     entries = read_manifest(manifest, split=split)
     click.echo(f"{manifest}: {len(entries)} clips, no problems")
 
@@ -196,7 +254,8 @@ def manifest_check(manifest, split):
               help="Output root; shards go to OUT/SPLIT/.")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FPS, show_default=True,
               help="Sampling rate (the paper: 5).")
-@click.option("--context-backbone", type=click.Choice(sorted(BACKBONES)), default="squeezenet1_1", show_default=True,
+@click.option("--context-backbone", type=click.Choice(sorted(BACKBONES)), default=DEFAULT_CONTEXT_BACKBONE,
+              show_default=True,
               help="Context CNN (the paper: squeezenet1_1).")
 @click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Frames per CNN call.")
@@ -204,6 +263,9 @@ def manifest_check(manifest, split):
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes, each writing its own shards.")
 @click.option("--context-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
+              help="How the frozen CNNs compute: float32 as trained; bfloat16 (recent CPUs) or float16 (GPUs)"
+                   " is faster, with features close to float32's (see benchmarks/README.md).")
 @click.option("--save-crops", is_flag=True, help="Also store the 128x128 face crops (about 49 KB a frame before compression).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(quiet, **options):
@@ -219,6 +281,8 @@ def extract(quiet, **options):
       python cli.py extract --manifest manifests/mine.csv --split val --out /data/feats \\
           --context-backbone mobilenet_v2 --workers 2
     """
+    from extract.pipeline import ExtractSettings, extract_split
+
     settings = ExtractSettings(**options)
     summary = extract_split(settings, progress=not quiet, log=lambda line: click.echo(line, err=True))
     click.echo(summary.describe())
@@ -229,21 +293,42 @@ def extract(quiet, **options):
 
 @cli.group(name="features")
 def features_group():
-    """Feature shards (the files stage 1 writes and stage 2 reads): inspect, validate, merge."""
+    """Feature shards (the files stage 1 writes and stage 2 reads): inspect, validate, merge.
+
+    \b
+    Examples:
+      python cli.py features inspect outputs/features/train
+      python cli.py features validate outputs/features/train
+    """
 
 
 @features_group.command(name="inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def features_inspect(path):
-    """Summary of a shard or a folder of shards: clips, frames, faces found, sizes, attributes."""
+    """Summary of a shard or a folder of shards: clips, frames, faces found, sizes, attributes.
+
+    \b
+    Examples:
+      python cli.py features inspect outputs/features/train
+      python cli.py features inspect outputs/features/train/shard-00000.h5
+    """
+    from features import tools as feature_tools
+
     click.echo(feature_tools.inspect(path))
 
 
 @features_group.command(name="validate")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def features_validate(path):
-    """Check every shard (schema, NaN/inf, masks, index); exit 1 on any fault."""
-    problems = feature_tools.validate(path)
+    """Check every shard (schema, NaN/inf, masks, index); exit 1 on any fault.
+
+    \b
+    Example:
+      python cli.py features validate outputs/features/train
+    """
+    from features import tools as feature_tools
+
+    problems = feature_tools.validate(path, progress=True)
     faults = [p for p in problems if not p.startswith(feature_tools.WARNING)]
     for problem in problems:
         click.echo(problem, err=True)
@@ -263,6 +348,8 @@ def features_merge(folders, out):
     Example:
       python cli.py features merge machine-a/train machine-b/train --out all/train
     """
+    from features import tools as feature_tools
+
     click.echo(f"wrote {feature_tools.merge(list(folders), out)}")
 
 
@@ -305,6 +392,9 @@ def train(model, **options):
       python cli.py train --model caca
       python cli.py train --model parallel --features /data/feats --epochs 50 --seed 3 --out runs/p3
     """
+    from train.config import TrainConfig
+    from train.loop import train_model
+
     config = TrainConfig(model=ALIASES.get(model, model), **options)
     best = train_model(config, log=click.echo)
     click.echo(f"best validation mAP {best.map:.4f}, accuracy {best.accuracy:.4f}; run in {config.run_folder}")
@@ -326,6 +416,8 @@ def evaluate(run_folder, split, features, device):
     Example:
       python cli.py evaluate --run runs/caca-seed0 --split test
     """
+    from train.loop import evaluate_run
+
     metrics = evaluate_run(run_folder, split, features, device)
     out = run_folder / f"eval-{split}"
     if metrics is None:
@@ -356,6 +448,8 @@ def ensemble(runs, more_runs, split, features, out, device):
       python cli.py ensemble --runs runs/caca-seed0 runs/c3d-seed0
       python cli.py evaluate --run runs/ensemble-caca-seed0+c3d-seed0 --split test
     """
+    from train.ensemble import fit_ensemble
+
     folder = fit_ensemble([*runs, *more_runs], split, features, out, device)
     click.echo(f"ensemble weights and scores on {split} in {folder / 'ensemble.json'}")
 
@@ -381,6 +475,9 @@ def compare(models, seeds, jobs, out, test_split, **options):
       python cli.py compare --models face,context,parallel,concat,caca,caca-b --seeds 5
       python cli.py compare --models caca,c3d --seeds 5 --test-split test
     """
+    from train.compare import run_compare
+    from train.config import TrainConfig, parse_models
+
     try:
         names = parse_models(models)
     except ValueError as exc:
@@ -399,7 +496,8 @@ def compare(models, seeds, jobs, out, test_split, **options):
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write one PNG per clip here: frames with the face used, attention over time, probabilities.")
 @click.option("--device", help="cpu, cuda... (default: cuda when present, else cpu).")
-def predict(run_folder, inputs, out, explain_dir, device):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def predict(run_folder, inputs, out, explain_dir, device, quiet):
     """Classify raw videos (files, folders or a manifest CSV) with a trained run or ensemble.
 
     Videos are decoded, faces found and features computed exactly as for the run's training
@@ -410,7 +508,10 @@ def predict(run_folder, inputs, out, explain_dir, device):
       python cli.py predict --run runs/caca-seed0 clip1.mp4 clip2.mp4
       python cli.py predict --run runs/caca-seed0 --explain pictures/ /data/my_videos/
     """
-    predictions, failures = predict_videos(run_folder, list(inputs), device, explain_dir, out, log=click.echo)
+    from predict.predict import predict_videos
+
+    predictions, failures = predict_videos(run_folder, list(inputs), device, explain_dir, out, log=click.echo,
+                                          progress=not quiet)
     click.echo(f"{len(predictions)} clips predicted, {len(failures)} failed; predictions in {out}"
                + (f", pictures in {explain_dir}" if explain_dir else ""))
     if failures:
@@ -426,7 +527,14 @@ def demo(out):
     Builds the clips, extracts them, trains face, context, concat, parallel and caca, and
     scores them on the validation split. A second run reuses what the first finished.
     Described in demo/README.md.
+
+    \b
+    Examples:
+      python cli.py demo
+      python cli.py demo --out /tmp/caca-demo
     """
+    from demo.run import run_demo
+
     run_demo(out, log=click.echo)
 
 

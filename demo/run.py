@@ -20,9 +20,10 @@ import torch
 
 from demo.sample_set import CLIPS_FOLDER, SPLITS, DemoError, SampleSetConfig, build_sample_set, plan_clips
 from extract import face_cnn, retinaface, weights
-from extract.context_cnn import BACKBONES
+from extract.settings import BACKBONES
 from extract.pipeline import ExtractSettings, extract_split
-from train.loop import COMPLETE_MARK, TrainConfig, evaluate_run, train_model
+from train.config import TrainConfig
+from train.loop import COMPLETE_MARK, evaluate_run, train_model
 from train.metrics import Metrics
 
 DEFAULT_OUT = Path("outputs/demo")

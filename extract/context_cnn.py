@@ -3,22 +3,23 @@
 The paper centre-crops each frame to a square, scales it to 224x224 and uses SqueezeNet's
 last convolutional output, pooled to 512x7x7 = 25088 values. MobileNetV2 is offered too
 because its weights can be had offline; its feature is the usual global-average-pooled
-1280-d embedding. Each backbone's feature size is stated here and recorded with the
-features, never assumed elsewhere.
+1280-d embedding. Each backbone's feature size is stated in `extract/settings.py` and recorded
+with the features, never assumed elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from extract.runtime import as_nhwc_uint8, resolve_device
+from extract.settings import DEFAULT_CONTEXT_BACKBONE, DEFAULT_PRECISION, ContextBackbone, backbone_for
+from extract.runtime import (
+    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference, resolve_device,
+)
 from extract.weights import load_state_dict_checked, verified_path
 
 CONTEXT_SIZE = 224
@@ -26,47 +27,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
-class ContextBackbone:
-    name: str
-    weight_name: str
-    build: Callable[[], nn.Module]
-    channels: int
-    pool_to: int  # the last feature map is average-pooled to pool_to x pool_to, then flattened
-    pooling: str
-
-    @property
-    def feature_dim(self) -> int:
-        return self.channels * self.pool_to * self.pool_to
-
-
-BACKBONES = {
-    b.name: b
-    for b in (
-        ContextBackbone(
-            "squeezenet1_1",
-            "squeezenet1_1-imagenet",
-            lambda: torchvision.models.squeezenet1_1(weights=None),
-            512,
-            7,
-            "adaptive average pooling of features (512x13x13) to 512x7x7",
-        ),
-        ContextBackbone(
-            "mobilenet_v2",
-            "mobilenetv2-imagenet",
-            lambda: torchvision.models.mobilenet_v2(weights=None),
-            1280,
-            1,
-            "global average pooling of features (1280x7x7)",
-        ),
-    )
-}
-
-
-def backbone_for(name: str) -> ContextBackbone:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown context backbone '{name}'; choose from {', '.join(BACKBONES)}")
-    return BACKBONES[name]
+def build_backbone(backbone: ContextBackbone) -> nn.Module:
+    return getattr(torchvision.models, backbone.name)(weights=None)
 
 
 def centre_square(frames: torch.Tensor, size: int = CONTEXT_SIZE) -> torch.Tensor:
@@ -89,17 +51,20 @@ def context_crops(frames: torch.Tensor) -> torch.Tensor:
 class ContextCNN:
     """Frozen context network: RGB frames of any size in, one feature vector per frame out."""
 
-    def __init__(self, backbone: str = "squeezenet1_1", weights_path: Path | None = None, device: str | None = None):
+    def __init__(self, backbone: str = DEFAULT_CONTEXT_BACKBONE, weights_path: Path | None = None,
+                 device: str | None = None, precision: str = DEFAULT_PRECISION):
         self.backbone = backbone_for(backbone)
         self.device = resolve_device(device)
-        self.model = self.backbone.build()
+        self.precision = checked_precision(precision)
+        self.model = build_backbone(self.backbone)
         self.weights_path = weights_path or verified_path(self.backbone.weight_name)
         load_state_dict_checked(self.model, self.weights_path, f"{backbone} (ImageNet)")
         self.pretrained = True
-        self.model.eval().to(self.device)
+        self.model = prepared_for_inference(self.model, self.device)
 
     @classmethod
-    def random_init(cls, backbone: str, seed: int = 0, device: str | None = None) -> "ContextCNN":
+    def random_init(cls, backbone: str, seed: int = 0, device: str | None = None,
+                    precision: str = DEFAULT_PRECISION) -> "ContextCNN":
         """The architecture with random weights, for tests where the ImageNet file is unavailable.
 
         Its `pretrained` is False and `weights_label` says so: features from it carry no meaning.
@@ -107,8 +72,9 @@ class ContextCNN:
         self = cls.__new__(cls)
         self.backbone = backbone_for(backbone)
         self.device = resolve_device(device)
+        self.precision = checked_precision(precision)
         torch.manual_seed(seed)
-        self.model = self.backbone.build().eval().to(self.device)
+        self.model = prepared_for_inference(build_backbone(self.backbone), self.device)
         self.weights_path = None
         self.pretrained = False
         self.seed = seed
@@ -128,22 +94,24 @@ class ContextCNN:
         frames = as_nhwc_uint8(frames).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        return (centre_square(frames) / 255.0 - mean) / std
+        return as_channels_last((centre_square(frames) / 255.0 - mean) / std)
+
+    def _features(self, frames: torch.Tensor) -> torch.Tensor:
+        ready = self._prepare(frames)  # preprocessing stays float32
+        with autocast(self.device, self.precision):
+            maps = self.model.features(ready)
+        return F.adaptive_avg_pool2d(maps.float(), self.backbone.pool_to).flatten(1).cpu()
 
     @torch.inference_mode()
     def embed(self, frames, batch_size: int = 64) -> torch.Tensor:
         """(N, H, W, 3) uint8 RGB frames -> (N, feature_dim) float32 features on the CPU."""
         frames = as_nhwc_uint8(frames)
-        out = [
-            F.adaptive_avg_pool2d(self.model.features(self._prepare(frames[i : i + batch_size])), self.backbone.pool_to)
-            .flatten(1)
-            .float()
-            .cpu()
-            for i in range(0, len(frames), batch_size)
-        ]
+        out = [self._features(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)]
         return torch.cat(out) if out else torch.zeros((0, self.feature_dim))
 
     @torch.inference_mode()
     def classify(self, frames) -> torch.Tensor:
         """ImageNet class logits (N, 1000): the check that the weights and preprocessing are right."""
-        return self.model(self._prepare(frames)).float().cpu()
+        ready = self._prepare(frames)
+        with autocast(self.device, self.precision):
+            return self.model(ready).float().cpu()

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.runtime import as_nhwc_uint8, resolve_device
+from extract.runtime import (
+    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference, resolve_device,
+)
+from extract.settings import DEFAULT_PRECISION
 from extract.weights import WeightsError, verified_path
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
 
@@ -230,11 +233,13 @@ def _to_model_input(faces: torch.Tensor) -> torch.Tensor:
 class FaceCNN:
     """Frozen mini-Xception for inference on face crops."""
 
-    def __init__(self, weights_path: Union[str, Path, None] = None, device: str | None = None):
+    def __init__(self, weights_path: Union[str, Path, None] = None, device: str | None = None,
+                 precision: str = DEFAULT_PRECISION):
         self.device = resolve_device(device)
+        self.precision = checked_precision(precision)
         self.weights_path = Path(weights_path or verified_path(WEIGHT_NAME))
         model = load_keras_weights(MiniXception(), self.weights_path)
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.model = prepared_for_inference(model, self.device)
 
     @torch.inference_mode()
     def embed(self, faces, batch_size: int = 256) -> FaceCNNOutput:
@@ -249,8 +254,10 @@ class FaceCNN:
         outputs = []
         for start in range(0, len(faces), batch_size):
             batch = faces[start : start + batch_size].to(self.device, non_blocking=True)
-            out = self.model(_to_model_input(batch))
-            outputs.append([t.cpu() for t in out])
+            ready = as_channels_last(_to_model_input(batch))  # preprocessing stays float32
+            with autocast(self.device, self.precision):
+                out = self.model(ready)
+            outputs.append([t.float().cpu() for t in out])
         return FaceCNNOutput(*(torch.cat(parts) for parts in zip(*outputs)))
 
     def expressions(self, faces, batch_size: int = 256) -> torch.Tensor:

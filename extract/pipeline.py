@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import itertools
+import logging
 import os
 import time
 from collections import deque
@@ -27,11 +28,14 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from extract import faces, face_cnn, retinaface, weights
-from extract.context_cnn import BACKBONES, CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN
+from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN
 from extract.embed import ClipInProgress, Embedder, Networks, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
-from extract.video import DEFAULT_FPS, VideoError, probe, sample_frames
+from extract.settings import (
+    BACKBONES, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
+)
+from extract.video import VideoError, probe, sample_frames
 from features import ClipFeatures, ShardWriter, open_features
 from features.labels import CHEAVD_CLASSES
 from features.reader import write_index
@@ -39,8 +43,7 @@ from features.writer import shard_attrs
 from features.schema import comparable, shard_files, shard_name, temp_files
 from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, read_manifest
 
-DEFAULT_MANIFEST = Path("manifests/cheavd.csv")
-DEFAULT_OUT = Path("outputs/features")
+logger = logging.getLogger(__name__)
 FAILURES_FILE = "failures.csv"
 LOCK_FILE = ".extract.lock"
 
@@ -55,7 +58,7 @@ class ExtractSettings:
     manifest: Path = DEFAULT_MANIFEST
     out: Path = DEFAULT_OUT
     fps: float = DEFAULT_FPS
-    context_backbone: str = "squeezenet1_1"
+    context_backbone: str = DEFAULT_CONTEXT_BACKBONE
     detector_backbone: str = "mobilenet0.25"
     detector_threshold: float = retinaface.DEFAULT_SCORE_THRESHOLD
     device: str | None = None
@@ -64,6 +67,7 @@ class ExtractSettings:
     workers: int = 1
     context_dtype: str = "float16"
     save_crops: bool = False
+    precision: str = DEFAULT_PRECISION
 
     @property
     def folder(self) -> Path:
@@ -141,16 +145,16 @@ def setting_attrs(settings: ExtractSettings) -> dict:
             "context": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         },
         "classes": list(CHEAVD_CLASSES),
+        "precision": settings.precision,
     }
 
 
 def load_networks(settings: ExtractSettings) -> Networks:
     return Networks(
-        detector=RetinaFaceDetector(
-            settings.detector_backbone, device=settings.device, score_threshold=settings.detector_threshold
-        ),
-        face_cnn=FaceCNN(device=settings.device),
-        context_cnn=ContextCNN(settings.context_backbone, device=settings.device),
+        detector=RetinaFaceDetector(settings.detector_backbone, device=settings.device,
+                                    score_threshold=settings.detector_threshold, precision=settings.precision),
+        face_cnn=FaceCNN(device=settings.device, precision=settings.precision),
+        context_cnn=ContextCNN(settings.context_backbone, device=settings.device, precision=settings.precision),
     )
 
 
@@ -184,6 +188,7 @@ def embed_clips(
             if not clip.timestamps:
                 raise VideoError(f"{entry.path}: no frames could be decoded")
         except VideoError as exc:
+            logger.info("%s: failed: %s", entry.clip_id, exc)
             failures.append(Failure(entry.clip_id, str(entry.path), "decode", str(exc), _file_stamp(entry.path)))
             continue
         clip.all_windows_added = True
@@ -272,9 +277,13 @@ _NETWORKS: dict[tuple, Networks] = {}
 
 def _networks_for(settings: ExtractSettings) -> Networks:
     """Loaded once per process (each joblib worker keeps its own)."""
-    key = (settings.detector_backbone, settings.detector_threshold, settings.context_backbone, settings.device)
+    key = (settings.detector_backbone, settings.detector_threshold, settings.context_backbone, settings.device,
+           settings.precision)
     if key not in _NETWORKS:
         _NETWORKS[key] = load_networks(settings)
+        logger.info("networks loaded on %s: RetinaFace %s, face CNN %s, context CNN %s",
+                    _NETWORKS[key].face_cnn.device, settings.detector_backbone, face_cnn.WEIGHT_NAME,
+                    _NETWORKS[key].context_cnn.weights_label)
     return _NETWORKS[key]
 
 
@@ -296,6 +305,7 @@ def extract_shard(
         on_progress(finished_now - reported)
         reported = finished_now
 
+    started = time.monotonic()
     clips = embed_clips(entries, _networks_for(settings), settings, summary.failures)
     first = next(clips, None)
     if first is not None:
@@ -306,7 +316,11 @@ def extract_shard(
                 summary.frames += len(clip.timestamps)
                 summary.frames_with_face += int(clip.has_face.sum())
                 report()
+                logger.info("%s: %d frames sampled, a face in %d", clip.clip_id, len(clip.timestamps),
+                            clip.has_face.sum())
     report()
+    logger.info("%s: %d clips, %d frames, %d failed, in %.1f s", shard.name if summary.done else "(no shard)",
+                summary.done, summary.frames, len(summary.failures), time.monotonic() - started)
     return summary
 
 
@@ -351,6 +365,9 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
         pending = [e for e in entries if e.clip_id not in done_ids and e.clip_id not in unchanged]
         summary = Summary(skipped=len(entries) - len(pending) - len(unchanged), earlier_failures=len(unchanged))
         summary.failures = [known_failures[i] for i in sorted(unchanged)]
+        logger.info("%s: %d clips in the split, %d done earlier, %d failed earlier with unchanged files;"
+                    " %d to extract with %d worker(s), torch threads %d", folder, len(entries), len(done_ids),
+                    len(unchanged), len(pending), settings.workers, torch.get_num_threads())
         first_number = (_shard_numbers(folder) or [-1])[-1] + 1
         jobs = [
             (chunk, folder / shard_name(first_number + i))

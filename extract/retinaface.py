@@ -18,7 +18,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from extract.runtime import as_nhwc_uint8, resolve_device
+from extract.runtime import (
+    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference, resolve_device,
+)
+from extract.settings import DEFAULT_PRECISION
 from extract.weights import load_state_dict_checked, verified_path
 
 # The checkpoints were trained on BGR images (OpenCV) with these per-channel means subtracted.
@@ -223,6 +226,7 @@ class RetinaFaceDetector:
         device: str | None = None,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         nms_threshold: float = DEFAULT_NMS_THRESHOLD,
+        precision: str = DEFAULT_PRECISION,
     ):
         if backbone not in VARIANTS:
             raise ValueError(f"unknown RetinaFace backbone '{backbone}'; choose from {', '.join(VARIANTS)}")
@@ -231,9 +235,10 @@ class RetinaFaceDetector:
         self.device = resolve_device(device)
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
+        self.precision = checked_precision(precision)
         self.model = RetinaFace(self.variant)
         load_state_dict_checked(self.model, self.weights_path, f"RetinaFace-{backbone}")
-        self.model.eval().to(self.device)
+        self.model = prepared_for_inference(self.model, self.device)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
 
     def _priors_for(self, height: int, width: int) -> torch.Tensor:
@@ -244,7 +249,7 @@ class RetinaFaceDetector:
     def _prepare(self, frames: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
         bgr = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).flip(1)
-        return bgr.float() - mean
+        return as_channels_last(bgr.float() - mean)
 
     @torch.inference_mode()
     def detect(self, frames) -> list[FaceDetections]:
@@ -253,7 +258,10 @@ class RetinaFaceDetector:
         n, height, width = frames.shape[:3]
         if n == 0:
             return []
-        offsets, logits, landmark_offsets = self.model(self._prepare(frames))
+        ready = self._prepare(frames)  # preprocessing stays float32
+        with autocast(self.device, self.precision):
+            outputs = self.model(ready)
+        offsets, logits, landmark_offsets = (output.float() for output in outputs)
         priors = self._priors_for(height, width)
         scale = torch.tensor([width, height], dtype=torch.float32, device=self.device)
         boxes = decode_boxes(offsets, priors) * scale.repeat(2)

@@ -1,9 +1,14 @@
-"""What the frozen networks share at run time: the device choice and the frame batch format."""
+"""What the frozen networks share at run time: the device, the precision and the frame batch format."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
+from torch import nn
+
+from extract.settings import PRECISIONS
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -28,3 +33,25 @@ def as_nhwc_uint8(frames) -> torch.Tensor:
     if tensor.device.type == "cpu" and torch.cuda.is_available():
         tensor = tensor.pin_memory()  # lets the host-to-GPU copy run asynchronously
     return tensor
+
+
+def checked_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+    return precision
+
+
+def prepared_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """Frozen, in eval mode, on `device`, with channels-last weights (faster convolutions on CPU and GPU)."""
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+def as_channels_last(batch: torch.Tensor) -> torch.Tensor:
+    return batch.contiguous(memory_format=torch.channels_last)
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the networks run in: float32 as they are, else autocast to `precision`."""
+    if precision == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))

@@ -16,7 +16,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-DEFAULT_FPS = 5.0  # the paper's sampling rate
+from extract.settings import DEFAULT_FPS
 
 # Half a millisecond: containers with a 1/1000 time base round each frame time to the nearest
 # millisecond, so a frame meant for a grid time can be stored up to 0.5 ms before it.

@@ -88,7 +88,11 @@ SETTING_ATTRS = (
     "main_face",
     "normalisation",
     "classes",
+    "precision",
 )
+# Settings added to SETTING_ATTRS after shards of this format version were first written: a
+# shard without one was made the way its value here says, so it stays comparable with new ones.
+SETTING_DEFAULTS = {"precision": "float32"}
 EXTRACTOR_ATTRS = SOURCE_ATTRS + SETTING_ATTRS
 COMPARABILITY_KEYS = ("format_version", *SETTING_ATTRS, "context_dtype")
 
@@ -196,12 +200,16 @@ def decode_attrs(stored) -> dict:
     return {key: json.loads(value) if key in nested else value for key, value in values.items()}
 
 
+def setting(attrs: dict, key: str):
+    """A shard's value of `key`, with SETTING_DEFAULTS for shards older than the setting."""
+    return attrs.get(key, SETTING_DEFAULTS.get(key, "(missing)"))
+
+
 def comparable(attrs_a: dict, attrs_b: dict) -> list[str]:
     """Human-readable differences in COMPARABILITY_KEYS; empty when the two sets can be mixed."""
-    missing = "(missing)"
     differences = []
     for key in COMPARABILITY_KEYS:
-        a, b = attrs_a.get(key, missing), attrs_b.get(key, missing)
+        a, b = setting(attrs_a, key), setting(attrs_b, key)
         if a != b:
             differences.append(f"{key}: {a!r} != {b!r}")
     return differences

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from tqdm import tqdm
 
 from features.reader import (
     ShardInfo,
@@ -29,6 +30,7 @@ from features.schema import (
     EXTRACTOR_ATTRS,
     FRAMES,
     INDEX_NAME,
+    SETTING_DEFAULTS,
     WRITER_ATTRS,
     FeatureFileError,
     array_problems,
@@ -86,10 +88,11 @@ def label_summary(labels: dict, classes: list[str]) -> str:
     return ", ".join(parts) or "none"
 
 
-def validate(path) -> list[str]:
+def validate(path, progress: bool = False) -> list[str]:
     """Every problem found, one line each naming the file; empty means valid.
 
-    Lines starting with WARNING (leftover temporary files) do not make the set invalid.
+    Lines starting with WARNING (leftover temporary files) do not make the set invalid. Every
+    value of every shard is read, so `progress` shows a bar over the shards.
     """
     path = absolute(path)
     if path.is_file():
@@ -110,14 +113,14 @@ def validate(path) -> list[str]:
         paths += shard_files(directory)
     if not paths:
         return problems + [f"{path}: no complete feature shards (*.h5) here"]
-    shard_problems_found, shards = shards_problems(paths)
+    shard_problems_found, shards = shards_problems(paths, progress)
     return problems + shard_problems_found + index_problems(path, index, shards, paths)
 
 
-def shards_problems(paths: list[Path]) -> tuple[list[str], list[ShardInfo]]:
+def shards_problems(paths: list[Path], progress: bool = False) -> tuple[list[str], list[ShardInfo]]:
     """Problems of each shard and of the shards as one set; also the shards that could be read."""
     problems, shards = [], []
-    for path in paths:
+    for path in tqdm(paths, unit="shard", desc="validate", disable=not progress):
         try:
             shard = read_shard_info(path)
         except FeatureFileError as exc:
@@ -144,7 +147,8 @@ def shard_problems(shard: ShardInfo) -> list[str]:
 
 def attr_problems(attrs: dict) -> list[str]:
     # json_attrs is consumed by decoding; every other attribute must be there.
-    missing = [key for key in WRITER_ATTRS + EXTRACTOR_ATTRS if key not in attrs and key != "json_attrs"]
+    missing = [key for key in WRITER_ATTRS + EXTRACTOR_ATTRS
+               if key not in attrs and key != "json_attrs" and key not in SETTING_DEFAULTS]
     if missing:
         return [f"attributes missing: {', '.join(missing)}"]
     dim = attrs["context_dim"]

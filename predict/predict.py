@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from extract import retinaface
-from extract.context_cnn import BACKBONES
+from extract.settings import BACKBONES
 from extract.pipeline import ExtractSettings, Failure, embed_clips, load_networks, setting_attrs
 from extract.runtime import resolve_device
-from features.schema import SOURCE_ATTRS, ClipFeatures, comparable
+from features.schema import SOURCE_ATTRS, ClipFeatures, comparable, setting
 from features.writer import shard_attrs
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
 from manifests.manifest import ClipEntry, read_manifest
@@ -87,6 +88,7 @@ def settings_from_run(run: Path, device: str | None) -> ExtractSettings:
         # The model learnt from context features rounded to the stored dtype; rounding the same
         # way makes a prediction equal to `evaluate`'s on the same clip's extracted features.
         context_dtype=attrs["context_dtype"],
+        precision=setting(attrs, "precision"),
     )
     check_same_extraction(run, attrs, settings)
     return settings
@@ -236,6 +238,7 @@ def predict_videos(
     explain_dir: Path | None = None,
     out_csv: Path | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> tuple[list[Prediction], list[Failure]]:
     """Predict every video of `inputs` with `run`; videos that cannot be read are returned as failures."""
     run = Path(run)
@@ -247,11 +250,14 @@ def predict_videos(
     predictions: list[Prediction] = []
     failures: list[Failure] = []
     logged = 0
+    bar = tqdm(total=len(entries), unit="clip", desc="predict", disable=not progress)
+    log = above_bar(log)
     for clip in embed_clips(entries, networks, settings, failures):
         logged = log_failures(failures, logged, log)
         prediction = prediction_of(clip, *classify(model, clip, settings.context_dtype), classes)
         predictions.append(prediction)
         log(describe(prediction))
+        bar.update(len(predictions) + len(failures) - bar.n)
         if explain_dir is not None:
             explain_clip(
                 explanation_path(explain_dir, clip.clip_id),
@@ -260,9 +266,21 @@ def predict_videos(
                 step_frames(clip.has_face),
             )
     log_failures(failures, logged, log)
+    bar.update(len(predictions) + len(failures) - bar.n)
+    bar.close()
     if out_csv is not None:
         write_predictions_csv(out_csv, predictions, classes)
     return predictions, failures
+
+
+def above_bar(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` that clears the progress bar first and redraws it after, so lines and bar don't mix."""
+
+    def write(line: str) -> None:
+        with tqdm.external_write_mode():
+            log(line)
+
+    return write
 
 
 def log_failures(failures: list[Failure], logged: int, log: Callable[[str], None]) -> int:

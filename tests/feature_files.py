@@ -48,6 +48,7 @@ def extractor_attrs(**changes) -> dict:
             "context": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         },
         classes=list(CHEAVD_CLASSES),
+        precision="float32",
     )
     return dict(attrs, **changes)
 

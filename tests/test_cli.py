@@ -24,6 +24,37 @@ def test_help_lists_the_commands():
     assert all(cmd in done.stdout for cmd in ("list", "fetch", "add"))
 
 
+def every_command(group, prefix=()):
+    import click
+
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from every_command(command, (*prefix, name))
+
+
+def test_every_command_has_help_with_an_example():
+    import cli as cli_module
+
+    for words, command in every_command(cli_module.cli):
+        done = run_cli(*words, "--help")
+        assert done.returncode == 0, (words, done.stderr)
+        assert "Example" in done.stdout, f"{' '.join(words)} --help shows no example"
+
+
+def test_help_loads_no_heavy_library():
+    """--help must answer at once: torch, PyAV and h5py load only when a command runs."""
+    probe = (
+        "import sys, runpy; sys.argv = ['cli.py', 'extract', '--help']\n"
+        "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'av', 'h5py', 'pandas', 'matplotlib') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_list_shows_every_weight_and_its_status(tmp_path, weight_path):
     (tmp_path / "emotion_model.hdf5").write_bytes(weight_path("mini-xception-fer2013").read_bytes())
     (tmp_path / "mobilenet0.25_Final.pth").write_bytes(b"truncated")
@@ -80,11 +111,12 @@ def test_an_internal_error_is_one_line_with_exit_4_and_a_traceback_only_with_v(m
     from click.testing import CliRunner
 
     import cli as cli_module
+    from features import tools
 
     def broken(path):
         raise RuntimeError("something inside broke")
 
-    monkeypatch.setattr(cli_module.feature_tools, "inspect", broken)
+    monkeypatch.setattr(tools, "inspect", broken)
     quiet = CliRunner().invoke(cli_module.cli, ["features", "inspect", str(tmp_path)])
     assert quiet.exit_code == 4
     assert quiet.output.strip() == (

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.context_cnn import BACKBONES, CONTEXT_SIZE, ContextCNN, centre_square
+from extract.settings import BACKBONES
+from extract.context_cnn import CONTEXT_SIZE, ContextCNN, centre_square
 from tests.media import photo
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

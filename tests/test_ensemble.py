@@ -16,7 +16,8 @@ from features.schema import shard_name
 from train.compare import run_compare
 from train.data import clip_steps, collate
 from train.ensemble import fit_ensemble
-from train.loop import TrainConfig, TrainError, load_run, train_model
+from train.config import TrainConfig
+from train.loop import TrainError, load_run, train_model
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -253,6 +253,17 @@ def test_incomparable_shards_are_refused_naming_both_files_and_the_keys(tmp_path
     assert comparable(extractor_attrs(), extractor_attrs(split="val", manifest="other.csv")) == []
 
 
+def test_shards_older_than_a_setting_count_as_made_with_its_default(tmp_path):
+    older = extractor_attrs()
+    del older["precision"]
+    assert comparable(older, extractor_attrs(precision="float32")) == []
+    assert comparable(older, extractor_attrs(precision="bfloat16")) == ["precision: 'float32' != 'bfloat16'"]
+    with h5py.File(write_shard(tmp_path, 0, [make_clip("a", 3)]), "r+") as shard:
+        del shard.attrs["precision"]
+    write_index(tmp_path)
+    assert validate(tmp_path) == []
+
+
 class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, features):
         self.features = features

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.models import MODEL_NAMES, PAPER_PARAMS, build_model, parameter_report
+from train.config import MODEL_NAMES
+from train.models import PAPER_PARAMS, build_model, parameter_report
 
 FACE_DIM = 128
 CONTEXT_DIM = 40

@@ -110,6 +110,26 @@ def test_a_second_run_does_nothing(dataset, first_run):
     assert sorted(folder.glob("*.h5")) == shards
 
 
+def test_verbose_says_what_each_clip_gave_and_quiet_says_nothing_more(dataset, first_run):
+    assert "INFO" not in first_run.stderr
+    args = extract_args(dataset / "m.csv", dataset / "verbose")
+    args[args.index("train")] = "val"
+    done = cli("-v", *args)
+    assert done.returncode == 0, done.stderr
+    assert "networks loaded on cpu" in done.stderr
+    assert "val/happy/001: 4 frames sampled, a face in 4" in done.stderr, done.stderr
+
+
+def test_bfloat16_features_say_so_and_are_not_mixed_with_float32(dataset, first_run):
+    args = extract_args(dataset / "m.csv", dataset / "bfloat16")
+    args[args.index("train")] = "val"
+    assert cli(*args, "--precision", "bfloat16").returncode == 0
+    with open_features(dataset / "bfloat16" / "val") as features:
+        assert features.attrs["precision"] == "bfloat16"
+    again = cli(*args)
+    assert again.returncode == 1 and "precision: 'bfloat16' != 'float32'" in again.stderr
+
+
 def test_other_settings_are_refused_not_mixed(dataset, first_run):
     other = cli(*extract_args(dataset / "m.csv", dataset / "out", "--fps", "10"))
     assert other.returncode == 1

@@ -21,7 +21,8 @@ from predict.predict import Prediction, PredictError, collect_videos, predict_vi
 from tests.media import photo, write_clip
 from tests.media import moving_face
 from train.ensemble import fit_ensemble
-from train.loop import TrainConfig, evaluate_run, train_model
+from train.config import TrainConfig
+from train.loop import evaluate_run, train_model
 
 WEIGHTS = ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet")
 GOOD = {"coffee.mp4", "more/rocket.mp4", "cat.mp4"}

@@ -18,7 +18,8 @@ from features import ShardWriter, open_features, write_index
 from features.schema import shard_name
 from train.compare import run_compare
 from train.data import ClipSteps, collate, in_memory_bytes, paired_steps, should_preload
-from train.loop import TrainConfig, TrainError, class_weights, evaluate_run, load_run, train_model
+from train.config import TrainConfig
+from train.loop import TrainError, class_weights, evaluate_run, load_run, train_model
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 
 ROOT = Path(__file__).resolve().parents[1]

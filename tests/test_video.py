@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from extract.video import DEFAULT_FPS, VideoError, probe, sample_frames
+from extract.settings import DEFAULT_FPS
+from extract.video import VideoError, probe, sample_frames
 from tests.media import panned_frames, photo, read_clip, write_clip, write_tone
 
 # The astronaut's face and shoulders: textured enough that frames 2 px apart are told apart

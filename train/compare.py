@@ -24,14 +24,13 @@ from typing import Callable
 
 import torch
 from joblib import Parallel, delayed
+from tqdm import tqdm
 
+from train.config import DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TrainConfig
 from train.ensemble import fit_ensemble
-from train.loop import COMPLETE_MARK, TrainConfig, evaluate_run, open_split, train_model
-from train.models import (
-    ALIASES, SPATIOTEMPORAL, TRAINABLE_MODELS, build_model, paper_parameter_count, parameter_counts, parameter_report,
-)
+from train.loop import COMPLETE_MARK, evaluate_run, open_split, train_model
+from train.models import build_model, paper_parameter_count, parameter_counts, parameter_report
 
-DEFAULT_COMPARE = Path("runs/compare")
 # Table I: validation mAP and accuracy (%) on MEC 2017, median of five seeds.
 PAPER_TABLE_I = {
     "face": (38.87, 52.72),
@@ -51,18 +50,7 @@ PAPER_TABLE_II = {
     ENSEMBLE_ROW: (52.16, 56.58, 44.74, 52.99),
 }
 ENSEMBLED = ("caca", SPATIOTEMPORAL)
-DEFAULT_TEST_SPLIT = "test"
 NOT_IN_PAPER = "-"
-
-
-def parse_models(text: str) -> list[str]:
-    names = [ALIASES.get(name.strip(), name.strip()) for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in TRAINABLE_MODELS]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRAINABLE_MODELS)}"
-        )
-    return names
 
 
 def _train_one(config: TrainConfig, threads: int) -> None:
@@ -88,7 +76,11 @@ def run_compare(
             log(f"training {config.model}, seed {config.seed}")
             train_model(config, progress=True, log=log)
     else:
-        Parallel(n_jobs=jobs)(delayed(_train_one)(config, threads) for config in pending)
+        runs = Parallel(n_jobs=jobs, return_as="generator_unordered")(
+            delayed(_train_one)(config, threads) for config in pending
+        )
+        for _ in tqdm(runs, total=len(pending), unit="run", desc=f"compare, {jobs} at once"):
+            pass
     table = write_table(base, models, seeds, out)
     if all(model in models for model in ENSEMBLED):
         fit_missing_ensembles(base, seeds, out, log)

@@ -30,7 +30,6 @@ from features.schema import FACE_DIM, FACE_MAP_SHAPE
 UNLABELLED = -1
 
 
-PRELOAD_CHOICES = ("auto", "always", "never")
 # "auto" preloads a split whose arrays take at most this share of the memory available now.
 PRELOAD_MEMORY_SHARE = 0.5
 

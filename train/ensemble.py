@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from train.config import DEFAULT_RUNS
 from train.data import UNLABELLED
 from train.loop import (
-    COMPLETE_MARK, DEFAULT_RUNS, ENSEMBLE_FILE, TrainError, check_comparable, labelled_metrics, load_run,
+    COMPLETE_MARK, ENSEMBLE_FILE, TrainError, check_comparable, labelled_metrics, load_run,
     resolve_device, split_probabilities, write_json,
 )
 from train.metrics import Metrics

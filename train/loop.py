@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,13 +29,13 @@ from tqdm import tqdm
 
 from features import open_features
 from features.reader import FeatureSet
-from features.schema import FeatureFileError, comparable
+from features.schema import comparable
+from train.config import TrainConfig
 from train.data import UNLABELLED, ClipDataset, make_loader, should_preload
 from train.metrics import Metrics, compute_metrics, plot_confusion, write_atomically, write_predictions
 from train.models import WeightedEnsemble, build_model, paper_parameter_count, parameter_counts
 
-DEFAULT_FEATURES = Path("outputs/features")
-DEFAULT_RUNS = Path("runs")
+logger = logging.getLogger(__name__)
 COMPLETE_MARK = "metrics.json"
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_MODEL = "ensemble"
@@ -43,30 +43,6 @@ ENSEMBLE_MODEL = "ensemble"
 
 class TrainError(Exception):
     """A problem with the run's inputs or folders that the user can fix; one line."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str
-    features: Path = DEFAULT_FEATURES
-    train_split: str = "train"
-    val_split: str = "val"
-    out: Path | None = None
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = 0
-    device: str | None = None
-    num_workers: int = 0
-    class_weighting: bool = False
-    preload: str = "auto"
-
-    @property
-    def run_folder(self) -> Path:
-        return self.out or DEFAULT_RUNS / f"{self.model}-seed{self.seed}"
-
-    def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -179,6 +155,8 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
                            with_face_maps=maps)
     if all(label == UNLABELLED for label in val_data.labels):
         raise TrainError(f"the {config.val_split} features have no labels: choose a labelled --val-split")
+    logger.info("device %s; %d %s clips and %d %s clips, preloaded: %s / %s", device, len(train_data),
+                config.train_split, len(val_data), config.val_split, train_data.cache is not None, val_data.cache is not None)
     train_loader = make_loader(train_data, config.batch_size, config.num_workers, config.seed, shuffle=True)
     val_loader = make_loader(val_data, config.batch_size, config.num_workers, config.seed, shuffle=False)
 
@@ -210,6 +188,8 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
             writer.writerow([epoch, f"{loss:.6f}", f"{metrics.map:.6f}", f"{metrics.accuracy:.6f}",
                              f"{waiting:.3f}", f"{seconds:.3f}"])
             log_file.flush()
+            logger.info("%s epoch %d/%d: loss %.4f, val mAP %.4f, accuracy %.4f; %.1f s (%.1f s waiting for data)",
+                        config.model, epoch, config.epochs, loss, metrics.map, metrics.accuracy, seconds, waiting)
             # A small validation set is often ranked perfectly for many epochs: ties go to the better accuracy.
             if best is None or (metrics.map, metrics.accuracy) > (best.map, best.accuracy):
                 best = metrics

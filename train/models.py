@@ -60,12 +60,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
+from train.config import ALIASES, MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
 
-# The paper's Table I models; TRAINABLE_MODELS adds its section VI spatiotemporal CNN.
-MODEL_NAMES = ("face", "context", "concat", "parallel", "caca", "caca-b")
-SPATIOTEMPORAL = "c3d"
-TRAINABLE_MODELS = (*MODEL_NAMES, SPATIOTEMPORAL)
-ALIASES = {"caca-a": "caca"}
 STREAMS = ("face", "context")
 
 # Table I of the paper; the sizes below are from its sections V-C and V-D. It gives no count for c3d.

@@ -1,0 +1,204 @@
+"""The frozen networks: our wrappers against the bare models, and the ways to run them faster.
+
+    python benchmarks/networks_benchmark.py
+    python benchmarks/networks_benchmark.py --frames 128 --onnx
+
+For each network (RetinaFace MobileNet-0.25 on 640x360 frames, mini-Xception on face crops,
+the context CNNs on frames), on real pixels (the extract benchmark's clips):
+
+- "bare model": the network called directly on ready float tensors at its best batch size,
+  float32, the same threads: the reference the issue measures our wrapper against;
+- the wrapper as stage 1 calls it (uint8 frames in, features out, with its preprocessing) in
+  float32 and in each faster way to run it: channels-last, bfloat16 autocast, both, and
+  `torch.compile`; with `--onnx`, ONNX Runtime on the bare model;
+- for each way, how far its outputs are from float32 (features: worst cosine similarity and
+  largest difference relative to the features' scale; detector: worst box IoU and score
+  difference of matched faces).
+
+Figures are printed, never asserted. SqueezeNet runs with random weights (its file is not
+obtainable offline): speed does not depend on the values of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.extract_benchmark import SCENES, make_clip  # noqa: E402
+from extract.context_cnn import ContextCNN, context_crops  # noqa: E402
+from extract.face_cnn import FaceCNN, _to_model_input  # noqa: E402
+from extract.faces import crop_every_face  # noqa: E402
+from extract.retinaface import RetinaFaceDetector  # noqa: E402
+from extract.runtime import PRECISIONS  # noqa: E402
+from extract.video import sample_frames  # noqa: E402
+
+BATCH_SIZES = (8, 16, 32, 64, 128)
+
+
+def best_rate(fn, inputs: torch.Tensor, batch_sizes=BATCH_SIZES, repeats: int = 3) -> tuple[float, int]:
+    """Best items/s of fn over batches of `inputs`, and the batch size that gave it."""
+    best = (0.0, 0)
+    for size in batch_sizes:
+        fn(inputs[:size])  # warm-up: oneDNN picks its kernels per shape
+        seconds = min(timed_pass(fn, inputs, size) for _ in range(repeats))
+        best = max(best, (len(inputs) / seconds, size))
+    return best
+
+
+def timed_pass(fn, inputs: torch.Tensor, size: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(inputs), size):
+        fn(inputs[i : i + size])
+    return time.perf_counter() - start
+
+
+def feature_gap(reference: torch.Tensor, other: torch.Tensor) -> str:
+    cosine = torch.nn.functional.cosine_similarity(reference.flatten(1), other.flatten(1), dim=1).min().item()
+    relative = ((other - reference).abs().max() / reference.abs().max()).item()
+    return f"min cosine {cosine:.5f}, max |diff| {relative:.2e} of max |feature|"
+
+
+def detection_gap(reference, other) -> str:
+    """Worst IoU of each reference box with the other run's best-overlapping box, and score gap."""
+    from torchvision.ops import box_iou
+
+    ious, score_gaps, count_gaps = [], [], 0
+    for a, b in zip(reference, other):
+        count_gaps += len(a.boxes) != len(b.boxes)
+        if len(a.boxes) and len(b.boxes):
+            iou = box_iou(torch.from_numpy(a.boxes), torch.from_numpy(b.boxes))
+            best = iou.max(dim=1)
+            ious.append(best.values.min().item())
+            score_gaps.append(np.abs(a.scores - b.scores[best.indices.numpy()]).max())
+    return (f"min IoU {min(ious, default=float('nan')):.4f}, max score diff {max(score_gaps, default=0):.4f},"
+            f" frames with another face count {count_gaps}/{len(reference)}")
+
+
+def real_frames(work: Path, count: int) -> torch.Tensor:
+    paths = [make_clip(work / f"clip{i}.mp4", SCENES[i % 3], 10) for i in range(3)]
+    frames = [f.image for path in paths for f in sample_frames(path)]
+    return torch.from_numpy(np.stack(frames[:count]))
+
+
+def detector_rows(frames: torch.Tensor, batch: int, compile_too: bool) -> tuple[list[str], list]:
+    reference_detector = RetinaFaceDetector(device="cpu")
+    ready = reference_detector._prepare(frames)
+    bare, bare_batch = best_rate(lambda x: reference_detector.model(x), ready)
+    rows = [f"RetinaFace bare model (float32, best batch {bare_batch}): {bare:.1f} frames/s"]
+    reference = reference_detector.detect(frames)
+    for precision in PRECISIONS:
+        detector = RetinaFaceDetector(device="cpu", precision=precision)
+        rate, _ = best_rate(detector.detect, frames, (batch,))
+        rows.append(f"  wrapper, {precision:<9} batch {batch}: {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
+                    f" vs float32: {detection_gap(reference, detector.detect(frames))}")
+    if compile_too:
+        detector = RetinaFaceDetector(device="cpu")
+        detector.model = torch.compile(detector.model)
+        rate, _ = best_rate(detector.detect, frames, (batch,))
+        rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} frames/s = {rate / bare:.2f}x bare")
+    return rows, reference
+
+
+def face_cnn_rows(crops: torch.Tensor, batch: int, compile_too: bool) -> list[str]:
+    reference_cnn = FaceCNN(device="cpu")
+    ready = _to_model_input(crops)
+    bare, bare_batch = best_rate(lambda x: reference_cnn.model(x), ready, (*BATCH_SIZES, 256))
+    rows = [f"face CNN bare model (float32, best batch {bare_batch}): {bare:.1f} faces/s"]
+    reference = reference_cnn.embed(crops).features
+    for precision in PRECISIONS:
+        cnn = FaceCNN(device="cpu", precision=precision)
+        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), crops, (len(crops),))
+        rows.append(f"  wrapper, {precision:<9} batch {batch}: {rate:7.1f} faces/s = {rate / bare:.2f}x bare;"
+                    f" vs float32: {feature_gap(reference, cnn.embed(crops).features)}")
+    if compile_too:
+        cnn = FaceCNN(device="cpu")
+        cnn.model = torch.compile(cnn.model)
+        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), crops, (len(crops),))
+        rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} faces/s = {rate / bare:.2f}x bare")
+    return rows
+
+
+def context_rows(backbone: str, squares: torch.Tensor, batch: int, compile_too: bool) -> list[str]:
+    def network(precision: str) -> ContextCNN:
+        if backbone == "squeezenet1_1":
+            return ContextCNN.random_init(backbone, device="cpu", precision=precision)
+        return ContextCNN(backbone, device="cpu", precision=precision)
+
+    reference_cnn = network("float32")
+    ready = reference_cnn._prepare(squares)
+    bare, bare_batch = best_rate(lambda x: reference_cnn.model.features(x), ready)
+    rows = [f"context CNN {backbone} bare model (float32, best batch {bare_batch}): {bare:.1f} frames/s"]
+    reference = reference_cnn.embed(squares)
+    for precision in PRECISIONS:
+        cnn = network(precision)
+        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), squares, (len(squares),))
+        rows.append(f"  wrapper, {precision:<9} batch {batch}: {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
+                    f" vs float32: {feature_gap(reference, cnn.embed(squares))}")
+    if compile_too:
+        cnn = network("float32")
+        cnn.model = torch.compile(cnn.model)
+        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), squares, (len(squares),))
+        rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} frames/s = {rate / bare:.2f}x bare")
+    return rows
+
+
+def onnx_rows(frames: torch.Tensor, crops: torch.Tensor, squares: torch.Tensor, work: Path) -> list[str]:
+    """ONNX Runtime on the bare models (float32), against the same models in PyTorch."""
+    import onnxruntime
+
+    networks = {
+        "RetinaFace": (RetinaFaceDetector(device="cpu"), lambda n, x: n._prepare(x), lambda n: n.model, frames),
+        "face CNN": (FaceCNN(device="cpu"), lambda n, x: _to_model_input(x), lambda n: n.model, crops),
+        "context CNN mobilenet_v2": (ContextCNN("mobilenet_v2", device="cpu"), lambda n, x: n._prepare(x),
+                                     lambda n: n.model.features, squares),
+    }
+    rows = []
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    for name, (network, prepare, module, data) in networks.items():
+        ready = prepare(network, data[:64])
+        path = work / f"{name.replace(' ', '_')}.onnx"
+        torch.onnx.export(module(network), (ready[:1],), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        torch_rate, _ = best_rate(lambda x: module(network)(x), ready, (32, 64))
+        ort_rate, _ = best_rate(lambda x: session.run(None, {"x": x.numpy()}), ready, (32, 64))
+        rows.append(f"{name}: ONNX Runtime {ort_rate:.1f}/s vs PyTorch {torch_rate:.1f}/s = {ort_rate / torch_rate:.2f}x")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=128, help="Real frames to run each network on.")
+    parser.add_argument("--batch-size", type=int, default=64, help="The wrappers' batch (extract's --batch-size).")
+    parser.add_argument("--compile", action="store_true", help="Also try torch.compile (slow to warm up).")
+    parser.add_argument("--onnx", action="store_true", help="Also try ONNX Runtime (pip install onnxruntime onnx).")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = real_frames(Path(tmp), args.frames)
+        print(f"{len(frames)} real frames {tuple(frames.shape[1:3])}; torch {torch.__version__},"
+              f" {torch.get_num_threads()} threads")
+        rows, detections = detector_rows(frames, args.batch_size, args.compile)
+        crops = torch.from_numpy(crop_every_face(frames, detections)[0])
+        crops = crops.repeat(max(1, 512 // max(len(crops), 1)), 1, 1, 1)[:512]
+        squares = context_crops(frames)
+        rows += face_cnn_rows(crops, args.batch_size, args.compile)
+        for backbone in ("mobilenet_v2", "squeezenet1_1"):
+            rows += context_rows(backbone, squares, args.batch_size, args.compile)
+        if args.onnx:
+            rows += onnx_rows(frames, crops, squares, Path(tmp))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

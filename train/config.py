@@ -1,0 +1,58 @@
+"""What stage 2 can be set to: the models on offer, a training run's settings and their defaults.
+
+Kept free of torch so that the command line can show its options and help at once; the
+modules that do the work import these names from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_FEATURES = Path("outputs/features")
+DEFAULT_RUNS = Path("runs")
+DEFAULT_COMPARE = DEFAULT_RUNS / "compare"
+DEFAULT_TEST_SPLIT = "test"
+
+# The paper's Table I models; TRAINABLE_MODELS adds its section VI spatiotemporal CNN.
+MODEL_NAMES = ("face", "context", "concat", "parallel", "caca", "caca-b")
+SPATIOTEMPORAL = "c3d"
+TRAINABLE_MODELS = (*MODEL_NAMES, SPATIOTEMPORAL)
+ALIASES = {"caca-a": "caca"}
+
+PRELOAD_CHOICES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    features: Path = DEFAULT_FEATURES
+    train_split: str = "train"
+    val_split: str = "val"
+    out: Path | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 0
+    device: str | None = None
+    num_workers: int = 0
+    class_weighting: bool = False
+    preload: str = "auto"
+
+    @property
+    def run_folder(self) -> Path:
+        return self.out or DEFAULT_RUNS / f"{self.model}-seed{self.seed}"
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def parse_models(text: str) -> list[str]:
+    """Comma-separated model names (aliases allowed) -> canonical names; ValueError names the unknown."""
+    names = [ALIASES.get(name.strip(), name.strip()) for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRAINABLE_MODELS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRAINABLE_MODELS)}"
+        )
+    return names
