@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from extract.settings import (
-    BACKBONES, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION, PRECISIONS,
+    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
+    PRECISIONS,
 )
 from train.config import (
     ALIASES, DEFAULT_COMPARE, DEFAULT_FEATURES, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS,
@@ -262,6 +263,13 @@ def manifest_check(manifest, split):
 @click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Clips per shard file.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes, each writing its own shards.")
+@click.option("--num-shards", type=click.IntRange(min=1),
+              help="Split the clips into N parts of near-equal total duration, one per machine or job (with --shard-index).")
+@click.option("--shard-index", type=click.IntRange(min=0),
+              help="The part (0..N-1) this run extracts, into OUT/SPLIT/part-I-of-N/.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=BACKENDS[0], show_default=True,
+              help="local: --workers processes here; dask: the tasks go to the Dask cluster at --scheduler.")
+@click.option("--scheduler", help="Dask scheduler address (tcp://host:8786), for --backend dask.")
 @click.option("--context-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
               help="How the frozen CNNs compute: float32 as trained; bfloat16 (recent CPUs) or float16 (GPUs)"
@@ -275,11 +283,17 @@ def extract(quiet, **options):
     or kill); clips that cannot be decoded are listed in OUT/SPLIT/failures.csv. Exit status:
     0 all clips done, 3 some clips failed (see failures.csv), 1 an error stopped the run.
 
+    Many machines: run part I of N on each (same manifest, files and options), then merge
+    the parts; or send the work to a Dask cluster whose workers see the same files.
+
     \b
     Examples:
       python cli.py extract --split train
       python cli.py extract --manifest manifests/mine.csv --split val --out /data/feats \\
           --context-backbone mobilenet_v2 --workers 2
+      python cli.py extract --split train --out /shared/feats --num-shards 3 --shard-index 0
+      python cli.py features merge /shared/feats/train/part-*-of-3 --out /shared/feats/train
+      python cli.py extract --split train --out /shared/feats --backend dask --scheduler tcp://10.0.0.5:8786
     """
     from extract.pipeline import ExtractSettings, extract_split
 

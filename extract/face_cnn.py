@@ -211,7 +211,8 @@ def load_keras_weights(model: MiniXception, path: Union[str, Path]) -> MiniXcept
     """
     path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
+        # Read-only, without HDF5's lock: a shared weight cache on NFS or Lustre may refuse locks.
+        with h5py.File(path, "r", locking=False) as f:
             if "model_weights" not in f:
                 raise ValueError("no 'model_weights' group (not a Keras full-model file)")
             _fill_from_keras(model, f["model_weights"])

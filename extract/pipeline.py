@@ -6,15 +6,22 @@ The contract, as in video feature extractors: skip what exists, save, catch per-
 - A clip that cannot be decoded is recorded in `failures.csv` (clip_id, path, stage, error)
   and the run goes on; the summary and exit code say so.
 - Output made with other settings is refused rather than mixed; one run at a time per folder.
+
+Many machines: `num_shards`/`shard_index` give each of N runs a part of the split, balanced
+by clip duration, in its own folder (so the N runs never contend for one folder's lock);
+`backend="dask"` sends the same shard-sized tasks to a Dask cluster instead of local processes.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import heapq
+import importlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -24,7 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from extract import faces, face_cnn, retinaface, weights
@@ -33,19 +40,21 @@ from extract.embed import ClipInProgress, Embedder, Networks, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
 from extract.settings import (
-    BACKBONES, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
+    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
 )
-from extract.video import VideoError, probe, sample_frames
+from extract.video import VideoError, header_duration, probe, sample_frames
 from features import ClipFeatures, ShardWriter, open_features
 from features.labels import CHEAVD_CLASSES
 from features.reader import write_index
-from features.writer import shard_attrs
+from features.writer import LOCKS_REFUSED, shard_attrs
 from features.schema import comparable, shard_files, shard_name, temp_files
 from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, read_manifest
 
 logger = logging.getLogger(__name__)
 FAILURES_FILE = "failures.csv"
 LOCK_FILE = ".extract.lock"
+PART_FOLDER = "part-{index}-of-{count}"
+DASK_INSTALL = "pip install 'caca-rnn[dask]'"
 
 
 class ExtractError(Exception):
@@ -68,10 +77,16 @@ class ExtractSettings:
     context_dtype: str = "float16"
     save_crops: bool = False
     precision: str = DEFAULT_PRECISION
+    num_shards: int | None = None
+    shard_index: int | None = None
+    backend: str = "local"
+    scheduler: str | None = None
 
     @property
     def folder(self) -> Path:
-        return self.out / self.split
+        if self.num_shards is None:
+            return self.out / self.split
+        return self.out / self.split / PART_FOLDER.format(index=self.shard_index, count=self.num_shards)
 
 
 @dataclass
@@ -109,13 +124,42 @@ class Summary:
 
 
 def feature_attrs(settings: ExtractSettings) -> dict:
-    """Everything another team needs to tell whether two feature sets are comparable."""
+    """Everything another team needs to tell whether two feature sets are comparable.
+
+    A part of a sharded run says which one it is; that is provenance, not a setting, so
+    parts stay comparable and merge into one set.
+    """
+    part = {} if settings.num_shards is None else {"part": f"{settings.shard_index}/{settings.num_shards}"}
     return {
         "split": settings.split,
         "manifest": str(settings.manifest),
         "manifest_sha256": weights.sha256_of(settings.manifest),
+        **part,
         **setting_attrs(settings),
     }
+
+
+def check_options(settings: ExtractSettings) -> None:
+    """The option combinations a user can get wrong, as one-line ExtractErrors, before any work."""
+    if (settings.num_shards is None) != (settings.shard_index is None):
+        raise ExtractError("--num-shards and --shard-index go together: give both (e.g. --num-shards 3 --shard-index 0)")
+    if settings.num_shards is not None and not 0 <= settings.shard_index < settings.num_shards:
+        raise ExtractError(
+            f"--shard-index {settings.shard_index} is outside 0..{settings.num_shards - 1} (--num-shards {settings.num_shards})"
+        )
+    if settings.backend not in BACKENDS:
+        raise ExtractError(f"--backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
+    if settings.backend == "local" and settings.scheduler is not None:
+        raise ExtractError("--scheduler is used only with --backend dask")
+    if settings.backend == "dask":
+        if settings.scheduler is None:
+            raise ExtractError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
+        if settings.workers > 1:
+            raise ExtractError("--workers is for the local backend; with --backend dask the cluster's workers run the tasks")
+        try:
+            importlib.import_module("distributed")
+        except ImportError:
+            raise ExtractError(f"--backend dask needs Dask's distributed package: {DASK_INSTALL}") from None
 
 
 def setting_attrs(settings: ExtractSettings) -> dict:
@@ -246,7 +290,20 @@ def _exclusive(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ExtractError(f"another extraction is writing into {folder}; wait for it or use another --out") from None
+        except OSError as exc:
+            if exc.errno not in LOCKS_REFUSED:
+                raise
+            if not _locking_disabled():
+                raise ExtractError(
+                    f"the file system of {folder} refuses file locks ({exc.strerror}): set HDF5_USE_FILE_LOCKING=FALSE"
+                    " to write there without locks (then run one extraction per folder), or use a local --out"
+                ) from None
         yield
+
+
+def _locking_disabled() -> bool:
+    """The user said, through HDF5's own switch, that this file system has no locks."""
+    return os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE"
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -273,18 +330,33 @@ def _check_same_settings(folder: Path, attrs: dict, context_dtype: str, store_fa
 
 
 _NETWORKS: dict[tuple, Networks] = {}
+# A Dask worker runs one task per thread: they share its networks, loaded once.
+_NETWORKS_LOCK = threading.Lock()
 
 
 def _networks_for(settings: ExtractSettings) -> Networks:
-    """Loaded once per process (each joblib worker keeps its own)."""
+    """Loaded once per process (each joblib or Dask worker keeps its own)."""
     key = (settings.detector_backbone, settings.detector_threshold, settings.context_backbone, settings.device,
            settings.precision)
-    if key not in _NETWORKS:
-        _NETWORKS[key] = load_networks(settings)
-        logger.info("networks loaded on %s: RetinaFace %s, face CNN %s, context CNN %s",
-                    _NETWORKS[key].face_cnn.device, settings.detector_backbone, face_cnn.WEIGHT_NAME,
-                    _NETWORKS[key].context_cnn.weights_label)
-    return _NETWORKS[key]
+    with _NETWORKS_LOCK:
+        if key not in _NETWORKS:
+            _NETWORKS[key] = load_networks(settings)
+            logger.info("networks loaded on %s: RetinaFace %s, face CNN %s, context CNN %s",
+                        _NETWORKS[key].face_cnn.device, settings.detector_backbone, face_cnn.WEIGHT_NAME,
+                        _NETWORKS[key].context_cnn.weights_label)
+        return _NETWORKS[key]
+
+
+def _share_cores(settings: ExtractSettings) -> None:
+    """Torch threads such that the tasks running at once never oversubscribe the cores.
+
+    Local workers split this machine's cores. A Dask worker's threads are the cores it was
+    given and it runs one task per thread, so each task's torch gets one thread.
+    """
+    if settings.backend == "dask":
+        torch.set_num_threads(1)
+    elif settings.workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
 
 
 def extract_shard(
@@ -294,8 +366,7 @@ def extract_shard(
 
     `on_progress(n)` is told of every n clips finished, extracted or failed.
     """
-    if settings.workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    _share_cores(settings)
     summary = Summary()
     reported = 0
 
@@ -328,9 +399,46 @@ def _chunks(entries: list[ClipEntry], size: int) -> list[list[ClipEntry]]:
     return [entries[i : i + size] for i in range(0, len(entries), size)]
 
 
-def _entries_to_extract(settings: ExtractSettings, log: Callable[[str], None]) -> list[ClipEntry]:
-    """The split's clips. Missing files are reported up front and then recorded as failures,
-    so one lost file does not block thousands; if every file is missing the paths are wrong."""
+def balanced_parts(durations: dict[str, float], count: int) -> list[list[str]]:
+    """Clip ids split into `count` parts of near-equal total duration, the same on every machine.
+
+    Longest first, each to the part with the least duration so far (the lower-numbered part
+    on a tie); equal durations are taken in clip id order. Each part lists its ids sorted.
+    """
+    loads = [(0.0, part) for part in range(count)]
+    parts: list[list[str]] = [[] for _ in range(count)]
+    for clip_id in sorted(durations, key=lambda clip_id: (-durations[clip_id], clip_id)):
+        load, part = heapq.heappop(loads)
+        parts[part].append(clip_id)
+        heapq.heappush(loads, (load + durations[clip_id], part))
+    return [sorted(part) for part in parts]
+
+
+def clip_durations(entries: list[ClipEntry], progress: bool = True) -> dict[str, float]:
+    """Each clip's duration from its file's headers; 0.0 for a file that cannot be read, so it
+    still lands in exactly one part, and fails there like in an unsharded run."""
+    durations = {}
+    bar = tqdm(entries, unit="clip", desc="reading durations", disable=not progress, delay=1)
+    for entry in bar:
+        try:
+            durations[entry.clip_id] = header_duration(entry.path)
+        except VideoError:
+            durations[entry.clip_id] = 0.0
+    return durations
+
+
+def _this_part(entries: list[ClipEntry], settings: ExtractSettings, progress: bool) -> list[ClipEntry]:
+    """The clips of this run's part, in manifest order; all of them when the run is not sharded."""
+    if settings.num_shards is None:
+        return entries
+    part = set(balanced_parts(clip_durations(entries, progress), settings.num_shards)[settings.shard_index])
+    return [e for e in entries if e.clip_id in part]
+
+
+def _entries_to_extract(settings: ExtractSettings, progress: bool, log: Callable[[str], None]) -> list[ClipEntry]:
+    """The clips of the split (or of this run's part of it). Missing files are reported up
+    front and then recorded as failures, so one lost file does not block thousands; if every
+    file of the split is missing the paths are wrong."""
     entries = read_manifest(settings.manifest, split=settings.split, check_files=False)
     missing = missing_file_problems(entries)
     if entries and len(missing) == len(entries):
@@ -340,6 +448,8 @@ def _entries_to_extract(settings: ExtractSettings, log: Callable[[str], None]) -
             shown,
             "Fix: paths are absolute or relative to the manifest's folder; rebuild the manifest where the videos are.",
         )
+    entries = _this_part(entries, settings, progress)
+    missing = missing_file_problems(entries)
     if missing:
         log(f"warning: {len(missing)} of {len(entries)} clips are missing; they will be listed in failures.csv:")
         for line in missing:
@@ -350,9 +460,11 @@ def _entries_to_extract(settings: ExtractSettings, log: Callable[[str], None]) -
 def extract_split(settings: ExtractSettings, progress: bool = True, log: Callable[[str], None] = print) -> Summary:
     """Extract every clip of the split that is not yet in the output folder."""
     started = time.monotonic()
-    entries = _entries_to_extract(settings, log)
+    check_options(settings)
+    entries = _entries_to_extract(settings, progress, log)
     attrs = feature_attrs(settings)
-    folder = settings.folder
+    # Absolute, because Dask workers may run with another working folder (on a shared file system).
+    folder = settings.folder.absolute()
     with _exclusive(folder):
         _remove_leftovers(folder)
         done_ids = _check_same_settings(folder, attrs, settings.context_dtype, settings.save_crops)
@@ -374,18 +486,36 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
             for i, chunk in enumerate(_chunks(pending, settings.shard_size))
         ]
         bar = tqdm(total=len(pending), unit="clip", desc=f"extract {settings.split}", disable=not progress)
-        with bar:
-            if settings.workers == 1:
+        with bar, _parallel_backend(settings, jobs) as n_jobs:
+            if n_jobs == 1:
                 results = (extract_shard(settings, attrs, chunk, shard, bar.update) for chunk, shard in jobs)
             else:
-                results = Parallel(n_jobs=settings.workers, return_as="generator_unordered")(
+                # One call per task, so each task writes exactly one shard.
+                results = Parallel(n_jobs=n_jobs, batch_size=1, return_as="generator_unordered")(
                     delayed(extract_shard)(settings, attrs, chunk, shard) for chunk, shard in jobs
                 )
             for result in results:
                 summary.add(result)
-                if settings.workers > 1:
+                if n_jobs != 1:
                     bar.update(result.done + len(result.failures))
                 write_index(folder)
         _write_failures(folder, summary.failures)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+@contextmanager
+def _parallel_backend(settings: ExtractSettings, jobs: list) -> Iterator[int]:
+    """joblib's n_jobs for these jobs: local processes, or every thread of the Dask cluster
+    (connected only when there is work to send)."""
+    if settings.backend != "dask" or not jobs:
+        yield settings.workers
+        return
+    from distributed import Client
+
+    try:
+        client = Client(settings.scheduler)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ExtractError(f"cannot reach the Dask scheduler at {settings.scheduler} ({exc}); check --scheduler") from None
+    with client, parallel_config(backend="dask"):
+        yield -1

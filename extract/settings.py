@@ -18,6 +18,8 @@ DEFAULT_CONTEXT_BACKBONE = "squeezenet1_1"  # the paper's
 # features close to, not equal to, float32's (benchmarks/README.md has the figures).
 PRECISIONS = ("float32", "bfloat16", "float16")
 DEFAULT_PRECISION = "float32"
+# Where extraction tasks run: processes on this machine, or a Dask cluster's workers.
+BACKENDS = ("local", "dask")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,13 @@ def probe(path) -> VideoInfo:
         )
 
 
+def header_duration(path) -> float:
+    """The clip's duration in seconds as its headers state it (0.0 if unstated); decodes nothing."""
+    path = Path(path)
+    with _open_video(path) as (container, stream):
+        return _duration(container, stream)
+
+
 def sample_frames(path, fps: float = DEFAULT_FPS, threads: int = 0) -> Iterator[SampledFrame]:
     """Yield the clip's frames sampled at `fps`, upright RGB, with their presentation times.
 

@@ -7,8 +7,10 @@ writer leaves only a temporary file, which readers never take for a shard.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +30,7 @@ from features.schema import (
     FRAMES,
     WRITER_ATTRS,
     ClipFeatures,
+    FeatureFileError,
     array_problems,
     chunk_frames,
     encode_attrs,
@@ -36,6 +39,13 @@ from features.schema import (
     shard_frame_arrays,
     temp_name,
 )
+
+
+# errno values of a file system that refuses locks: NFS without lockd (ENOLCK), Lustre
+# without its flock mount option (ENOSYS), and 524, Linux's internal ENOTSUPP, which some
+# Lustre and Cray DVS mounts leak to user space.
+LOCKS_REFUSED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, 524}
+_HDF5_LOCK_ERROR = re.compile(r"unable to lock file, errno = (\d+)")
 
 
 def shard_attrs(attrs: dict, context_dtype: str, store_face_crops: bool = False) -> dict:
@@ -73,6 +83,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _create(temp: Path) -> h5py.File:
+    """A new HDF5 file; FeatureFileError naming the fix when the file system refuses HDF5's lock."""
+    try:
+        return h5py.File(temp, "w-")
+    except OSError as exc:
+        refused = _HDF5_LOCK_ERROR.search(str(exc))
+        if refused and int(refused.group(1)) in LOCKS_REFUSED:
+            raise FeatureFileError(
+                f"{temp.parent}: the file system refuses HDF5's file lock ({exc}); set HDF5_USE_FILE_LOCKING=FALSE"
+                " to write here (safe: no other process opens a writer's temporary file)"
+            ) from None
+        raise
+
+
 class ShardWriter:
     """One shard file, written by one writer; use as a context manager.
 
@@ -93,7 +117,7 @@ class ShardWriter:
         self._table = {column: [] for column in CLIP_COLUMNS}
         self._temp = self.path.with_name(temp_name(self.path.name, os.getpid(), secrets.token_hex(4)))
         self._discarded = False
-        self._file = h5py.File(self._temp, "w-")
+        self._file = _create(self._temp)
         try:
             self._file.attrs.update(encode_attrs(self.attrs))
             self._datasets = {

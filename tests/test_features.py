@@ -296,6 +296,35 @@ def test_two_forked_dataloader_workers_read_what_the_parent_reads(tmp_path):
     features.close()
 
 
+HOLD_EXCLUSIVE_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "rb") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # the call HDF5 makes to lock a file
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_shards_locked_by_another_process_are_still_read(tmp_path, monkeypatch):
+    """What NFS and Lustre without locks need: readers take no HDF5 file lock at all."""
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)  # it would override locking=False
+    clips = three_shards(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXCLUSIVE_LOCK, str(tmp_path / shard_name(0))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(OSError, match="unable to lock file"):  # HDF5's default sees the lock
+            h5py.File(tmp_path / shard_name(0), "r")
+        with open_features(tmp_path / shard_name(0)) as features:  # a shard alone: no index to lean on
+            assert_same_clip(features["a2"], clips[0][1])
+        with open_features(tmp_path) as features:
+            assert_same_clip(features["a3"], clips[0][2])
+        assert validate(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_validate_passes_a_good_shard_and_names_each_damage(tmp_path):
     clips = [make_clip("ok", 4, seed=1), make_clip("bad", 6, seed=2)]
 
