@@ -36,13 +36,14 @@ from tqdm import tqdm
 
 from extract import faces, face_cnn, retinaface, weights
 from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN
+from extract.ahead import ahead
 from extract.embed import ClipInProgress, Embedder, Networks, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
 from extract.settings import (
     BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
 )
-from extract.video import VideoError, header_duration, probe, sample_frames
+from extract.video import VideoError, VideoInfo, header_duration, probe, sample_frames
 from features import ClipFeatures, ShardWriter, open_features
 from features.labels import CHEAVD_CLASSES
 from features.reader import write_index
@@ -53,6 +54,9 @@ from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, 
 logger = logging.getLogger(__name__)
 FAILURES_FILE = "failures.csv"
 LOCK_FILE = ".extract.lock"
+# Windows of sampled frames the decoder may run ahead of the networks: enough to keep both
+# busy, few enough that memory stays flat (a window is --batch-size frames).
+DECODE_AHEAD = 1
 PART_FOLDER = "part-{index}-of-{count}"
 DASK_INSTALL = "pip install 'caca-rnn[dask]'"
 
@@ -214,29 +218,61 @@ def _windows(path: Path, fps: float, size: int) -> Iterator[tuple[np.ndarray, li
         yield np.stack(frames), stamps
 
 
+@dataclass
+class _Decoded:
+    """One step of the decoder's output: a window of a clip's frames, the clip's end, or its failure."""
+
+    entry: ClipEntry
+    info: VideoInfo | None = None
+    frames: np.ndarray | None = None
+    stamps: list[float] | None = None
+    error: VideoError | None = None
+
+
+def _decoded(entries: list[ClipEntry], fps: float, size: int) -> Iterator[_Decoded]:
+    """Every clip's windows of sampled frames, then an end mark (info, no frames), or its error."""
+    for entry in entries:
+        try:
+            info = probe(entry.path)
+            windows = 0
+            for frames, stamps in _windows(entry.path, fps, size):
+                windows += 1
+                yield _Decoded(entry, info, frames, stamps)
+            if not windows:
+                raise VideoError(f"{entry.path}: no frames could be decoded")
+        except VideoError as exc:
+            yield _Decoded(entry, error=exc)
+            continue
+        yield _Decoded(entry, info)
+
+
 def embed_clips(
     entries: list[ClipEntry], networks: Networks, settings: ExtractSettings, failures: list[Failure]
 ) -> Iterator[ClipFeatures]:
     """Decode, detect and embed clips; yields each finished clip in manifest order.
 
-    A clip that fails to decode is recorded in `failures`; windows of it that were already
-    queued are embedded with the next batch and dropped.
+    Decoding runs DECODE_AHEAD windows ahead in a thread, overlapping the networks. A clip
+    that fails to decode is recorded in `failures`; windows of it that were already queued
+    are embedded with the next batch and dropped.
     """
     embedder = Embedder(networks, settings.batch_size, keep_crops=settings.save_crops)
     in_flight: deque[ClipInProgress] = deque()
-    for entry in entries:
-        try:
-            clip = ClipInProgress(tag=(entry, probe(entry.path)))
-            for frames, stamps in _windows(entry.path, settings.fps, settings.batch_size):
-                embedder.add_window(clip, frames, stamps)
-            if not clip.timestamps:
-                raise VideoError(f"{entry.path}: no frames could be decoded")
-        except VideoError as exc:
-            logger.info("%s: failed: %s", entry.clip_id, exc)
-            failures.append(Failure(entry.clip_id, str(entry.path), "decode", str(exc), _file_stamp(entry.path)))
+    clip = None
+    for step in ahead(_decoded(entries, settings.fps, settings.batch_size), DECODE_AHEAD):
+        if step.error is not None:
+            logger.info("%s: failed: %s", step.entry.clip_id, step.error)
+            failures.append(Failure(step.entry.clip_id, str(step.entry.path), "decode", str(step.error),
+                                    _file_stamp(step.entry.path)))
+            clip = None
+            continue
+        if clip is None:
+            clip = ClipInProgress(tag=(step.entry, step.info))
+        if step.frames is not None:
+            embedder.add_window(clip, step.frames, step.stamps)
             continue
         clip.all_windows_added = True
         in_flight.append(clip)
+        clip = None
         yield from _features_of(finished(in_flight))
     embedder.flush()
     yield from _features_of(finished(in_flight))
