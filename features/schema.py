@@ -85,10 +85,14 @@ SETTING_ATTRS = (
     "detector_weights_sha256",
     "detector_threshold",
     "detector_max_side",
+    "detect_every",
     "main_face",
     "normalisation",
     "classes",
 )
+# Settings recorded only since a later extractor, with the value every shard written before
+# them was made with: a shard without the attribute is read as having that value.
+SETTING_DEFAULTS = {"detect_every": 1}
 EXTRACTOR_ATTRS = SOURCE_ATTRS + SETTING_ATTRS
 COMPARABILITY_KEYS = ("format_version", *SETTING_ATTRS, "context_dtype")
 
@@ -196,9 +200,15 @@ def decode_attrs(stored) -> dict:
     return {key: json.loads(value) if key in nested else value for key, value in values.items()}
 
 
+def with_setting_defaults(attrs: dict) -> dict:
+    """`attrs` with SETTING_DEFAULTS filled in where a shard older than those settings lacks them."""
+    return {**SETTING_DEFAULTS, **attrs}
+
+
 def comparable(attrs_a: dict, attrs_b: dict) -> list[str]:
     """Human-readable differences in COMPARABILITY_KEYS; empty when the two sets can be mixed."""
     missing = "(missing)"
+    attrs_a, attrs_b = with_setting_defaults(attrs_a), with_setting_defaults(attrs_b)
     differences = []
     for key in COMPARABILITY_KEYS:
         a, b = attrs_a.get(key, missing), attrs_b.get(key, missing)
