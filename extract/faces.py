@@ -1,5 +1,8 @@
 """Stage 1's face step: detect faces in a clip's sampled frames, follow its main face, crop it.
 
+Faces are detected on every sampled frame (the paper's protocol), or with --detect-every K
+on every K-th one, each face being re-detected near its last box on the frames between.
+
 The main face is chosen for the whole clip at once, not frame by frame: a Viterbi pass over
 each frame's detections maximises detection confidence and face size while penalising jumps
 between boxes that do not overlap, so a passer-by who is briefly larger or surer than the
