@@ -258,6 +258,8 @@ def manifest_check(manifest, split):
 @click.option("--context-backbone", type=click.Choice(sorted(BACKBONES)), default=DEFAULT_CONTEXT_BACKBONE,
               show_default=True,
               help="Context CNN (the paper: squeezenet1_1).")
+@click.option("--detect-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the face detector on every K-th sampled frame and track faces between (the paper: 1).")
 @click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Frames per CNN call.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Clips per shard file.")

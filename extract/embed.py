@@ -20,7 +20,7 @@ import torch
 
 from extract.context_cnn import ContextCNN, context_crops
 from extract.face_cnn import FACE_FEATURE_DIM, FACE_MAP_SHAPE, FaceCNN
-from extract.faces import choose_main_face, crop_every_face, detect_downscaled
+from extract.faces import choose_main_face, crop_every_face, detect_every_kth
 from extract.retinaface import FaceDetections, RetinaFaceDetector
 
 
@@ -92,17 +92,23 @@ class _Window:
 class Embedder:
     """Queues windows of frames and embeds them in batches of about `batch_size` frames."""
 
-    def __init__(self, networks: Networks, batch_size: int = 64, keep_crops: bool = False):
+    def __init__(self, networks: Networks, batch_size: int = 64, keep_crops: bool = False, detect_every: int = 1):
         self.networks = networks
+        self.detect_every = detect_every
         self.batch_size = batch_size
         self.keep_crops = keep_crops
         self.queue: list[_Window] = []
         self.queued_frames = 0
 
     def add_window(self, clip: ClipInProgress, frames: np.ndarray, timestamps: list[float]) -> None:
-        """Detect faces in (W,H,W,3) uint8 frames of `clip` now; queue their crops for the CNNs."""
+        """Detect faces in (W,H,W,3) uint8 frames of `clip` now; queue their crops for the CNNs.
+
+        Keyframes are counted from the clip's first frame, and tracking starts from the
+        clip's last detected frame, so how a clip is cut into windows does not change what is detected or tracked.
+        """
         pixels = torch.from_numpy(frames)
-        detections = detect_downscaled(self.networks.detector, pixels)
+        previous = clip.detections[-1] if clip.detections else None
+        detections = detect_every_kth(self.networks.detector, pixels, len(clip.timestamps), self.detect_every, previous)
         crops, _ = crop_every_face(pixels, detections)
         clip.frame_area = float(frames.shape[1] * frames.shape[2])
         clip.timestamps.extend(timestamps)

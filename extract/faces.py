@@ -1,5 +1,8 @@
 """Stage 1's face step: detect faces in a clip's sampled frames, follow its main face, crop it.
 
+Faces are detected on every sampled frame (the paper's protocol), or with --detect-every K
+on every K-th one, each face being re-detected near its last box on the frames between.
+
 The main face is chosen for the whole clip at once, not frame by frame: a Viterbi pass over
 each frame's detections maximises detection confidence and face size while penalising jumps
 between boxes that do not overlap, so a passer-by who is briefly larger or surer than the
@@ -30,6 +33,14 @@ SIZE_WEIGHT = 0.5
 # A face must gain more than this to be the main face: a confident face covering 0.1% of
 # the frame scores about -3.5, a 0.5-confidence one about -4.1.
 NO_FACE_GAIN = -6.0
+# Tracking between keyframes (--detect-every K > 1): a face is looked for again in a square
+# this many times its last box, which still holds it whole after it moved three quarters of
+# its size between samples; the square is resized to this side (the face about 77 px, well
+# inside RetinaFace's anchors), 16% of a 640x360 frame's pixels. Measured against detecting
+# every frame in benchmarks/README.md: a smaller square loses fast faces, and scaling the
+# face further from its size on keyframes shifts its box.
+TRACK_REGION_SCALE = 2.5
+TRACK_REGION_SIZE = 192
 
 
 def detect_downscaled(detector: RetinaFaceDetector, frames: torch.Tensor) -> list[FaceDetections]:
@@ -47,6 +58,72 @@ def detect_downscaled(detector: RetinaFaceDetector, frames: torch.Tensor) -> lis
         r.boxes *= np.array([sx, sy, sx, sy], dtype=np.float32)
         r.landmarks *= np.array([sx, sy], dtype=np.float32)
     return results
+
+
+def detect_every_kth(
+    detector: RetinaFaceDetector, frames: torch.Tensor, first_index: int, every: int, previous: FaceDetections | None
+) -> list[FaceDetections]:
+    """Detections in a window of a clip's consecutive frames (N,H,W,3): full detection on keyframes
+    (clip frame index `first_index + i` a multiple of `every`), tracking on the frames between.
+
+    Tracking looks for each face of the previous frame (`previous` for the window's first
+    frame) again near where it was (`detect_near`), so a frame between keyframes finds only
+    faces it can follow: a face that appears is found at the next keyframe, one that is lost
+    (left the frame, turned away, moved further than the region allows) stays lost until then.
+    With `every` 1 every frame is a keyframe: the paper's protocol.
+    """
+    keys = [i for i in range(len(frames)) if (first_index + i) % every == 0]
+    found = dict(zip(keys, detect_downscaled(detector, frames[keys]))) if keys else {}
+    detections = []
+    for i in range(len(frames)):
+        previous = found[i] if i in found else detect_near(detector, frames[i : i + 1], previous)
+        detections.append(previous)
+    return detections
+
+
+def detect_near(detector: RetinaFaceDetector, frame: torch.Tensor, previous: FaceDetections | None) -> FaceDetections:
+    """Faces of `previous` found again in one frame (1,H,W,3), each within a region around its box.
+
+    Each region is a square TRACK_REGION_SCALE times the box, resized to TRACK_REGION_SIZE,
+    and all of a frame's regions are detected in one call: a fraction of the frame's pixels,
+    yet real boxes, scores and landmarks, so the main-face choice works as on keyframes. Per
+    region the detection nearest its centre is the face followed (another face partly in the
+    region is not); two regions that found the same face are merged by the detector's NMS.
+    """
+    if previous is None or len(previous.boxes) == 0:
+        return _no_faces()
+    regions = squares_around(previous.boxes, TRACK_REGION_SCALE)
+    crops = torch.from_numpy(cut_squares(frame, regions, np.zeros(len(regions), int), TRACK_REGION_SIZE))
+    followed = [
+        _in_frame(_nearest_centre(found), region)
+        for found, region in zip(detector.detect(crops), regions)
+        if len(found.boxes)
+    ]
+    if not followed:
+        return _no_faces()
+    boxes = np.concatenate([f.boxes for f in followed])
+    scores = np.concatenate([f.scores for f in followed])
+    landmarks = np.concatenate([f.landmarks for f in followed])
+    kept = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), detector.nms_threshold).numpy()
+    return FaceDetections(boxes[kept], scores[kept], landmarks[kept])
+
+
+def _no_faces() -> FaceDetections:
+    return FaceDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+
+
+def _nearest_centre(found: FaceDetections) -> FaceDetections:
+    """The one detection of a region nearest the region's centre."""
+    centres = (found.boxes[:, :2] + found.boxes[:, 2:]) / 2
+    i = int(np.linalg.norm(centres - TRACK_REGION_SIZE / 2, axis=1).argmin())
+    return FaceDetections(found.boxes[i : i + 1], found.scores[i : i + 1], found.landmarks[i : i + 1])
+
+
+def _in_frame(found: FaceDetections, region: np.ndarray) -> FaceDetections:
+    """Detections in a region's crop mapped to frame pixels (a crop pixel spans `scale` frame pixels)."""
+    scale = np.float32((region[2] - region[0]) / TRACK_REGION_SIZE)
+    origin = region[:2].astype(np.float32)
+    return FaceDetections(found.boxes * scale + np.tile(origin, 2), found.scores, found.landmarks * scale + origin)
 
 
 def _box_area(boxes: np.ndarray) -> np.ndarray:
@@ -103,21 +180,30 @@ def choose_main_face(detections: list[FaceDetections], frame_area: float) -> lis
     return [s if s < len(d.boxes) else None for s, d in zip(reversed(path), detections)]
 
 
-def crop_squares(frames: torch.Tensor, boxes: np.ndarray, owners: np.ndarray, size: int = FACE_CROP_SIZE) -> np.ndarray:
-    """Square crops (N,size,size,3) uint8 around boxes in frames[owners]; outside the frame is black.
+def squares_around(boxes: np.ndarray, scale: float) -> np.ndarray:
+    """(N, 4) squares centred on boxes, `scale` times their longer side."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).max(axis=1, keepdims=True) * scale / 2
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
+def cut_squares(frames: torch.Tensor, squares: np.ndarray, owners: np.ndarray, size: int) -> np.ndarray:
+    """(N,size,size,3) uint8 images of squares in frames[owners]; outside the frame is black.
 
     roi_align samples several points per output pixel when shrinking, which antialiases, and
-    cuts every face of a batch of frames in one call.
+    cuts every square of a batch of frames in one call.
     """
-    if len(boxes) == 0:
+    if len(squares) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]).max(axis=1, keepdims=True) * FACE_CROP_SCALE / 2
-    squares = torch.from_numpy(np.concatenate([centre - half, centre + half], axis=1)).float()
-    rois = torch.cat([torch.from_numpy(owners).float()[:, None], squares], dim=1)
+    rois = torch.cat([torch.from_numpy(owners).float()[:, None], torch.from_numpy(squares).float()], dim=1)
     images = frames.permute(0, 3, 1, 2).float()
     crops = torchvision.ops.roi_align(images, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
     return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def crop_squares(frames: torch.Tensor, boxes: np.ndarray, owners: np.ndarray, size: int = FACE_CROP_SIZE) -> np.ndarray:
+    """Face crops (N,size,size,3) uint8: squares FACE_CROP_SCALE times the boxes in frames[owners]."""
+    return cut_squares(frames, squares_around(boxes, FACE_CROP_SCALE), owners, size)
 
 
 def crop_every_face(frames: torch.Tensor, detections: list[FaceDetections]) -> tuple[np.ndarray, np.ndarray]:

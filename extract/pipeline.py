@@ -74,6 +74,7 @@ class ExtractSettings:
     context_backbone: str = DEFAULT_CONTEXT_BACKBONE
     detector_backbone: str = "mobilenet0.25"
     detector_threshold: float = retinaface.DEFAULT_SCORE_THRESHOLD
+    detect_every: int = 1  # full detection on every k-th sampled frame, tracking between; 1: the paper's
     device: str | None = None
     batch_size: int = 64
     shard_size: int = 64
@@ -179,6 +180,7 @@ def setting_attrs(settings: ExtractSettings) -> dict:
         "detector_weights_sha256": weights.sha256_of(weights.verified_path(detector_weight)),
         "detector_threshold": settings.detector_threshold,
         "detector_max_side": faces.DETECT_MAX_SIDE,
+        "detect_every": settings.detect_every,
         "main_face": {"switch_penalty": faces.SWITCH_PENALTY, "size_weight": faces.SIZE_WEIGHT,
                       "no_face_gain": faces.NO_FACE_GAIN},
         "face_backbone": face_cnn.WEIGHT_NAME,
@@ -255,7 +257,7 @@ def embed_clips(
     that fails to decode is recorded in `failures`; windows of it that were already queued
     are embedded with the next batch and dropped.
     """
-    embedder = Embedder(networks, settings.batch_size, keep_crops=settings.save_crops)
+    embedder = Embedder(networks, settings.batch_size, keep_crops=settings.save_crops, detect_every=settings.detect_every)
     in_flight: deque[ClipInProgress] = deque()
     clip = None
     for step in ahead(_decoded(entries, settings.fps, settings.batch_size), DECODE_AHEAD):

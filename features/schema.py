@@ -85,14 +85,15 @@ SETTING_ATTRS = (
     "detector_weights_sha256",
     "detector_threshold",
     "detector_max_side",
+    "detect_every",
     "main_face",
     "normalisation",
     "classes",
     "precision",
 )
-# Settings added to SETTING_ATTRS after shards of this format version were first written: a
-# shard without one was made the way its value here says, so it stays comparable with new ones.
-SETTING_DEFAULTS = {"precision": "float32"}
+# Settings recorded only since a later extractor, with the value every shard written before
+# them was made with: a shard without the attribute is read as having that value.
+SETTING_DEFAULTS = {"precision": "float32", "detect_every": 1}
 EXTRACTOR_ATTRS = SOURCE_ATTRS + SETTING_ATTRS
 COMPARABILITY_KEYS = ("format_version", *SETTING_ATTRS, "context_dtype")
 
@@ -200,16 +201,18 @@ def decode_attrs(stored) -> dict:
     return {key: json.loads(value) if key in nested else value for key, value in values.items()}
 
 
-def setting(attrs: dict, key: str):
-    """A shard's value of `key`, with SETTING_DEFAULTS for shards older than the setting."""
-    return attrs.get(key, SETTING_DEFAULTS.get(key, "(missing)"))
+def with_setting_defaults(attrs: dict) -> dict:
+    """`attrs` with SETTING_DEFAULTS filled in where a shard older than those settings lacks them."""
+    return {**SETTING_DEFAULTS, **attrs}
 
 
 def comparable(attrs_a: dict, attrs_b: dict) -> list[str]:
     """Human-readable differences in COMPARABILITY_KEYS; empty when the two sets can be mixed."""
+    missing = "(missing)"
+    attrs_a, attrs_b = with_setting_defaults(attrs_a), with_setting_defaults(attrs_b)
     differences = []
     for key in COMPARABILITY_KEYS:
-        a, b = setting(attrs_a, key), setting(attrs_b, key)
+        a, b = attrs_a.get(key, missing), attrs_b.get(key, missing)
         if a != b:
             differences.append(f"{key}: {a!r} != {b!r}")
     return differences

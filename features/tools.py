@@ -30,13 +30,13 @@ from features.schema import (
     EXTRACTOR_ATTRS,
     FRAMES,
     INDEX_NAME,
-    SETTING_DEFAULTS,
     WRITER_ATTRS,
     FeatureFileError,
     array_problems,
     shard_files,
     shard_frame_arrays,
     temp_files,
+    with_setting_defaults,
 )
 
 WARNING = "warning: "  # validate() lines starting with this do not make a set invalid
@@ -146,9 +146,9 @@ def shard_problems(shard: ShardInfo) -> list[str]:
 
 
 def attr_problems(attrs: dict) -> list[str]:
-    # json_attrs is consumed by decoding; every other attribute must be there.
-    missing = [key for key in WRITER_ATTRS + EXTRACTOR_ATTRS
-               if key not in attrs and key != "json_attrs" and key not in SETTING_DEFAULTS]
+    # json_attrs is consumed by decoding; settings added later have a value when missing.
+    present = with_setting_defaults(attrs)
+    missing = [key for key in WRITER_ATTRS + EXTRACTOR_ATTRS if key not in present and key != "json_attrs"]
     if missing:
         return [f"attributes missing: {', '.join(missing)}"]
     dim = attrs["context_dim"]

@@ -25,7 +25,7 @@ from extract import retinaface
 from extract.settings import BACKBONES
 from extract.pipeline import ExtractSettings, Failure, embed_clips, load_networks, setting_attrs
 from extract.runtime import resolve_device
-from features.schema import SOURCE_ATTRS, ClipFeatures, comparable, setting
+from features.schema import SOURCE_ATTRS, ClipFeatures, comparable, with_setting_defaults
 from features.writer import shard_attrs
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
 from manifests.manifest import ClipEntry, read_manifest
@@ -75,7 +75,7 @@ def detector_backbone_of(run: Path, weight_name: str) -> str:
 def settings_from_run(run: Path, device: str | None) -> ExtractSettings:
     """The run's extraction settings, after checking this machine would extract the same way."""
     run = Path(run)
-    attrs = run_attrs(run)
+    attrs = with_setting_defaults(run_attrs(run))
     if attrs["context_backbone"] not in BACKBONES:
         raise PredictError(f"{run / RUN_ATTRS_FILE}: unknown context backbone {attrs['context_backbone']!r}")
     settings = ExtractSettings(
@@ -84,11 +84,12 @@ def settings_from_run(run: Path, device: str | None) -> ExtractSettings:
         context_backbone=attrs["context_backbone"],
         detector_backbone=detector_backbone_of(run, attrs["detector"]),
         detector_threshold=attrs["detector_threshold"],
+        detect_every=attrs["detect_every"],
         device=device,
         # The model learnt from context features rounded to the stored dtype; rounding the same
         # way makes a prediction equal to `evaluate`'s on the same clip's extracted features.
         context_dtype=attrs["context_dtype"],
-        precision=setting(attrs, "precision"),
+        precision=attrs["precision"],
     )
     check_same_extraction(run, attrs, settings)
     return settings

@@ -42,6 +42,7 @@ def extractor_attrs(**changes) -> dict:
         detector_weights_sha256="2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220",
         detector_threshold=0.5,
         detector_max_side=640,
+        detect_every=1,
         main_face={"switch_penalty": 4.0, "size_weight": 0.5, "no_face_gain": -6.0},
         normalisation={
             "face": "(x/255-0.5)*2",
