@@ -139,7 +139,7 @@ def stage_rows(paths: list[Path], settings: ExtractSettings) -> tuple[list[str],
     crops = np.concatenate([crop_every_face(b, d)[0] for b, d in zip(batches, detections)])
     face = best_of(lambda: networks.face_cnn.embed(crops, batch_size=settings.batch_size))[1]
     squares = torch.cat([context_crops(b) for b in batches])
-    context = best_of(lambda: networks.context_cnn.embed(squares, batch_size=settings.batch_size))[1]
+    context = best_of(lambda: networks.context_cnn.embed(squares))[1]
     write = best_of(lambda: write_shard(settings, networks.context_cnn.feature_dim, clips))[1]
     rows = [
         f"  RetinaFace detection                     {sampled / detect:8.1f} frames/s",

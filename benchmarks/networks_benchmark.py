@@ -8,7 +8,8 @@ the context CNNs on frames), on real pixels (the extract benchmark's clips):
 
 - "bare model": the network called directly on ready float tensors at its best batch size,
   float32, the same threads: the reference the issue measures our wrapper against;
-- the wrapper as stage 1 calls it (uint8 frames in, features out, with its preprocessing) in
+- the wrapper as stage 1 calls it (uint8 frames in, features out, with its preprocessing and
+  its own frames per call) in
   float32 and in each faster way to run it: channels-last, bfloat16 autocast, both, and
   `torch.compile`; with `--onnx`, ONNX Runtime on the bare model;
 - for each way, how far its outputs are from float32 (features: worst cosine similarity and
@@ -41,7 +42,7 @@ from extract.retinaface import RetinaFaceDetector  # noqa: E402
 from extract.runtime import PRECISIONS  # noqa: E402
 from extract.video import sample_frames  # noqa: E402
 
-BATCH_SIZES = (8, 16, 32, 64, 128)
+BATCH_SIZES = (4, 8, 16, 32, 64, 128)
 
 
 def best_rate(fn, inputs: torch.Tensor, batch_sizes=BATCH_SIZES, repeats: int = 3) -> tuple[float, int]:
@@ -89,7 +90,7 @@ def real_frames(work: Path, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames[:count]))
 
 
-def detector_rows(frames: torch.Tensor, batch: int, compile_too: bool) -> tuple[list[str], list]:
+def detector_rows(frames: torch.Tensor, compile_too: bool) -> tuple[list[str], list]:
     reference_detector = RetinaFaceDetector(device="cpu")
     ready = reference_detector._prepare(frames)
     bare, bare_batch = best_rate(lambda x: reference_detector.model(x), ready)
@@ -97,18 +98,18 @@ def detector_rows(frames: torch.Tensor, batch: int, compile_too: bool) -> tuple[
     reference = reference_detector.detect(frames)
     for precision in PRECISIONS:
         detector = RetinaFaceDetector(device="cpu", precision=precision)
-        rate, _ = best_rate(detector.detect, frames, (batch,))
-        rows.append(f"  wrapper, {precision:<9} batch {batch}: {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
+        rate, _ = best_rate(detector.detect, frames, (len(frames),))
+        rows.append(f"  wrapper, {precision:<9} {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
                     f" vs float32: {detection_gap(reference, detector.detect(frames))}")
     if compile_too:
         detector = RetinaFaceDetector(device="cpu")
         detector.model = torch.compile(detector.model)
-        rate, _ = best_rate(detector.detect, frames, (batch,))
+        rate, _ = best_rate(detector.detect, frames, (len(frames),))
         rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} frames/s = {rate / bare:.2f}x bare")
     return rows, reference
 
 
-def face_cnn_rows(crops: torch.Tensor, batch: int, compile_too: bool) -> list[str]:
+def face_cnn_rows(crops: torch.Tensor, compile_too: bool) -> list[str]:
     reference_cnn = FaceCNN(device="cpu")
     ready = _to_model_input(crops)
     bare, bare_batch = best_rate(lambda x: reference_cnn.model(x), ready, (*BATCH_SIZES, 256))
@@ -116,18 +117,18 @@ def face_cnn_rows(crops: torch.Tensor, batch: int, compile_too: bool) -> list[st
     reference = reference_cnn.embed(crops).features
     for precision in PRECISIONS:
         cnn = FaceCNN(device="cpu", precision=precision)
-        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), crops, (len(crops),))
-        rows.append(f"  wrapper, {precision:<9} batch {batch}: {rate:7.1f} faces/s = {rate / bare:.2f}x bare;"
+        rate, _ = best_rate(cnn.embed, crops, (len(crops),))
+        rows.append(f"  wrapper, {precision:<9} {rate:7.1f} faces/s = {rate / bare:.2f}x bare;"
                     f" vs float32: {feature_gap(reference, cnn.embed(crops).features)}")
     if compile_too:
         cnn = FaceCNN(device="cpu")
         cnn.model = torch.compile(cnn.model)
-        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), crops, (len(crops),))
+        rate, _ = best_rate(cnn.embed, crops, (len(crops),))
         rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} faces/s = {rate / bare:.2f}x bare")
     return rows
 
 
-def context_rows(backbone: str, squares: torch.Tensor, batch: int, compile_too: bool) -> list[str]:
+def context_rows(backbone: str, squares: torch.Tensor, compile_too: bool) -> list[str]:
     def network(precision: str) -> ContextCNN:
         if backbone == "squeezenet1_1":
             return ContextCNN.random_init(backbone, device="cpu", precision=precision)
@@ -140,13 +141,13 @@ def context_rows(backbone: str, squares: torch.Tensor, batch: int, compile_too: 
     reference = reference_cnn.embed(squares)
     for precision in PRECISIONS:
         cnn = network(precision)
-        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), squares, (len(squares),))
-        rows.append(f"  wrapper, {precision:<9} batch {batch}: {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
+        rate, _ = best_rate(cnn.embed, squares, (len(squares),))
+        rows.append(f"  wrapper, {precision:<9} {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
                     f" vs float32: {feature_gap(reference, cnn.embed(squares))}")
     if compile_too:
         cnn = network("float32")
         cnn.model = torch.compile(cnn.model)
-        rate, _ = best_rate(lambda x: cnn.embed(x, batch_size=batch), squares, (len(squares),))
+        rate, _ = best_rate(cnn.embed, squares, (len(squares),))
         rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} frames/s = {rate / bare:.2f}x bare")
     return rows
 
@@ -179,7 +180,6 @@ def onnx_rows(frames: torch.Tensor, crops: torch.Tensor, squares: torch.Tensor, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=128, help="Real frames to run each network on.")
-    parser.add_argument("--batch-size", type=int, default=64, help="The wrappers' batch (extract's --batch-size).")
     parser.add_argument("--compile", action="store_true", help="Also try torch.compile (slow to warm up).")
     parser.add_argument("--onnx", action="store_true", help="Also try ONNX Runtime (pip install onnxruntime onnx).")
     args = parser.parse_args()
@@ -188,13 +188,13 @@ def main() -> None:
         frames = real_frames(Path(tmp), args.frames)
         print(f"{len(frames)} real frames {tuple(frames.shape[1:3])}; torch {torch.__version__},"
               f" {torch.get_num_threads()} threads")
-        rows, detections = detector_rows(frames, args.batch_size, args.compile)
+        rows, detections = detector_rows(frames, args.compile)
         crops = torch.from_numpy(crop_every_face(frames, detections)[0])
         crops = crops.repeat(max(1, 512 // max(len(crops), 1)), 1, 1, 1)[:512]
         squares = context_crops(frames)
-        rows += face_cnn_rows(crops, args.batch_size, args.compile)
+        rows += face_cnn_rows(crops, args.compile)
         for backbone in ("mobilenet_v2", "squeezenet1_1"):
-            rows += context_rows(backbone, squares, args.batch_size, args.compile)
+            rows += context_rows(backbone, squares, args.compile)
         if args.onnx:
             rows += onnx_rows(frames, crops, squares, Path(tmp))
     print("\n".join(rows))

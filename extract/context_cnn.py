@@ -18,7 +18,8 @@ from torch import nn
 
 from extract.settings import DEFAULT_CONTEXT_BACKBONE, DEFAULT_PRECISION, ContextBackbone, backbone_for
 from extract.runtime import (
-    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference, resolve_device,
+    as_channels_last, as_nhwc_uint8, autocast, checked_precision, frames_per_call, prepared_for_inference,
+    resolve_device,
 )
 from extract.weights import load_state_dict_checked, verified_path
 
@@ -103,9 +104,13 @@ class ContextCNN:
         return F.adaptive_avg_pool2d(maps.float(), self.backbone.pool_to).flatten(1).cpu()
 
     @torch.inference_mode()
-    def embed(self, frames, batch_size: int = 64) -> torch.Tensor:
-        """(N, H, W, 3) uint8 RGB frames -> (N, feature_dim) float32 features on the CPU."""
+    def embed(self, frames, batch_size: int | None = None) -> torch.Tensor:
+        """(N, H, W, 3) uint8 RGB frames -> (N, feature_dim) float32 features on the CPU.
+
+        `batch_size` frames per call; by default the device's best (`frames_per_call`).
+        """
         frames = as_nhwc_uint8(frames)
+        batch_size = batch_size or frames_per_call(self.device)
         out = [self._features(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)]
         return torch.cat(out) if out else torch.zeros((0, self.feature_dim))
 

@@ -35,6 +35,17 @@ def as_nhwc_uint8(frames) -> torch.Tensor:
     return tensor
 
 
+# Frames per network call. On the CPU the activations of many full frames spill out of the
+# caches: RetinaFace on 640x360 and the context CNNs on 224x224 ran 1.5-3x faster in calls of
+# 8 frames than of 64 (benchmarks/README.md). A GPU wants large batches.
+CPU_FRAMES_PER_CALL = 8
+GPU_FRAMES_PER_CALL = 64
+
+
+def frames_per_call(device: torch.device) -> int:
+    return CPU_FRAMES_PER_CALL if device.type == "cpu" else GPU_FRAMES_PER_CALL
+
+
 def checked_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
