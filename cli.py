@@ -26,6 +26,7 @@ DEFAULT_DEMO_OUT = Path("outputs/demo")
 # only have been raised if its module was loaded, so checking them loads nothing.
 USER_ERRORS = {
     "extract.weights": "WeightsError",
+    "extract.runtime": "DeviceError",
     "manifests.manifest": "ManifestError",
     "extract.pipeline": "ExtractError",
     "features.schema": "FeatureFileError",
@@ -262,7 +263,7 @@ def manifest_check(manifest, split):
               help="Run the face detector on every K-th sampled frame and track faces between (the paper: 1).")
 @click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Frames per CNN call.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Clips per shard file.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Clips per shard file (fewer when --workers would otherwise have no shard to write).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes, each writing its own shards.")
 @click.option("--num-shards", type=click.IntRange(min=1),

@@ -90,66 +90,55 @@ def real_frames(work: Path, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames[:count]))
 
 
-def detector_rows(frames: torch.Tensor, compile_too: bool) -> tuple[list[str], list]:
-    reference_detector = RetinaFaceDetector(device="cpu")
-    ready = reference_detector._prepare(frames)
-    bare, bare_batch = best_rate(lambda x: reference_detector.model(x), ready)
-    rows = [f"RetinaFace bare model (float32, best batch {bare_batch}): {bare:.1f} frames/s"]
-    reference = reference_detector.detect(frames)
-    for precision in PRECISIONS:
-        detector = RetinaFaceDetector(device="cpu", precision=precision)
-        rate, _ = best_rate(detector.detect, frames, (len(frames),))
-        rows.append(f"  wrapper, {precision:<9} {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
-                    f" vs float32: {detection_gap(reference, detector.detect(frames))}")
+def network_rows(title: str, unit: str, make, bare_call, ready: torch.Tensor, run, gap, data, compile_too: bool,
+                 bare_sizes=BATCH_SIZES) -> tuple[list[str], object]:
+    """One network: its bare model, then its wrapper in each precision (and compiled), against float32.
+
+    make(precision) builds the wrapper, bare_call(wrapper) its bare model on ready tensors,
+    run(wrapper, data) the wrapper as stage 1 calls it; gap compares two runs' outputs.
+    """
+    reference_net = make("float32")
+    bare, bare_batch = best_rate(bare_call(reference_net), ready, bare_sizes)
+    rows = [f"{title} bare model (float32, best batch {bare_batch}): {bare:.1f} {unit}"]
+    reference = run(reference_net, data)
+    variants = [(precision, make(precision)) for precision in PRECISIONS]
     if compile_too:
-        detector = RetinaFaceDetector(device="cpu")
-        detector.model = torch.compile(detector.model)
-        rate, _ = best_rate(detector.detect, frames, (len(frames),))
-        rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} frames/s = {rate / bare:.2f}x bare")
+        compiled = make("float32")
+        compiled.model = torch.compile(compiled.model)
+        variants.append(("compiled float32", compiled))
+    for label, net in variants:
+        rate, _ = best_rate(lambda x: run(net, x), data, (len(data),))
+        rows.append(f"  wrapper, {label:<16} {rate:7.1f} {unit} = {rate / bare:.2f}x bare;"
+                    f" vs float32: {gap(reference, run(net, data))}")
     return rows, reference
 
 
+def detector_rows(frames: torch.Tensor, compile_too: bool) -> tuple[list[str], list]:
+    return network_rows(
+        "RetinaFace", "frames/s", lambda precision: RetinaFaceDetector(device="cpu", precision=precision),
+        lambda net: net.model, RetinaFaceDetector(device="cpu")._prepare(frames),
+        lambda net, x: net.detect(x), detection_gap, frames, compile_too,
+    )
+
+
 def face_cnn_rows(crops: torch.Tensor, compile_too: bool) -> list[str]:
-    reference_cnn = FaceCNN(device="cpu")
-    ready = _to_model_input(crops)
-    bare, bare_batch = best_rate(lambda x: reference_cnn.model(x), ready, (*BATCH_SIZES, 256))
-    rows = [f"face CNN bare model (float32, best batch {bare_batch}): {bare:.1f} faces/s"]
-    reference = reference_cnn.embed(crops).features
-    for precision in PRECISIONS:
-        cnn = FaceCNN(device="cpu", precision=precision)
-        rate, _ = best_rate(cnn.embed, crops, (len(crops),))
-        rows.append(f"  wrapper, {precision:<9} {rate:7.1f} faces/s = {rate / bare:.2f}x bare;"
-                    f" vs float32: {feature_gap(reference, cnn.embed(crops).features)}")
-    if compile_too:
-        cnn = FaceCNN(device="cpu")
-        cnn.model = torch.compile(cnn.model)
-        rate, _ = best_rate(cnn.embed, crops, (len(crops),))
-        rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} faces/s = {rate / bare:.2f}x bare")
-    return rows
+    return network_rows(
+        "face CNN", "faces/s", lambda precision: FaceCNN(device="cpu", precision=precision),
+        lambda net: net.model, _to_model_input(crops),
+        lambda net, x: net.embed(x).features, feature_gap, crops, compile_too, (*BATCH_SIZES, 256),
+    )[0]
 
 
 def context_rows(backbone: str, squares: torch.Tensor, compile_too: bool) -> list[str]:
-    def network(precision: str) -> ContextCNN:
+    def make(precision: str) -> ContextCNN:
         if backbone == "squeezenet1_1":
             return ContextCNN.random_init(backbone, device="cpu", precision=precision)
         return ContextCNN(backbone, device="cpu", precision=precision)
 
-    reference_cnn = network("float32")
-    ready = reference_cnn._prepare(squares)
-    bare, bare_batch = best_rate(lambda x: reference_cnn.model.features(x), ready)
-    rows = [f"context CNN {backbone} bare model (float32, best batch {bare_batch}): {bare:.1f} frames/s"]
-    reference = reference_cnn.embed(squares)
-    for precision in PRECISIONS:
-        cnn = network(precision)
-        rate, _ = best_rate(cnn.embed, squares, (len(squares),))
-        rows.append(f"  wrapper, {precision:<9} {rate:7.1f} frames/s = {rate / bare:.2f}x bare;"
-                    f" vs float32: {feature_gap(reference, cnn.embed(squares))}")
-    if compile_too:
-        cnn = network("float32")
-        cnn.model = torch.compile(cnn.model)
-        rate, _ = best_rate(cnn.embed, squares, (len(squares),))
-        rows.append(f"  wrapper, torch.compile float32: {rate:7.1f} frames/s = {rate / bare:.2f}x bare")
-    return rows
+    return network_rows(
+        f"context CNN {backbone}", "frames/s", make, lambda net: net.model.features, make("float32")._prepare(squares),
+        lambda net, x: net.embed(x), feature_gap, squares, compile_too,
+    )[0]
 
 
 def onnx_rows(frames: torch.Tensor, crops: torch.Tensor, squares: torch.Tensor, work: Path) -> list[str]:

@@ -20,6 +20,7 @@ import heapq
 import importlib
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -433,6 +434,13 @@ def extract_shard(
     return summary
 
 
+def _shard_clips(settings: ExtractSettings, pending: int) -> int:
+    """Clips per shard: --shard-size, but small enough that every local worker gets a shard."""
+    if settings.backend == "local" and settings.workers > 1:
+        return max(1, min(settings.shard_size, math.ceil(pending / settings.workers)))
+    return settings.shard_size
+
+
 def _chunks(entries: list[ClipEntry], size: int) -> list[list[ClipEntry]]:
     return [entries[i : i + size] for i in range(0, len(entries), size)]
 
@@ -521,7 +529,7 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
         first_number = (_shard_numbers(folder) or [-1])[-1] + 1
         jobs = [
             (chunk, folder / shard_name(first_number + i))
-            for i, chunk in enumerate(_chunks(pending, settings.shard_size))
+            for i, chunk in enumerate(_chunks(pending, _shard_clips(settings, len(pending))))
         ]
         bar = tqdm(total=len(pending), unit="clip", desc=f"extract {settings.split}", disable=not progress)
         with bar, _parallel_backend(settings, jobs) as n_jobs:

@@ -1,0 +1,83 @@
+"""The device and precision paths of the frozen networks, exercised on the CPU (no GPU here).
+
+What can be checked without a GPU is checked: how a device is chosen and refused, how many
+frames go into a call on each kind of device, which dtype each precision computes in, and
+that float16, the GPU's half precision, gives features close to float32's (autocast on the
+CPU runs the same casts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from extract.face_cnn import FaceCNN
+from extract.runtime import (
+    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, DeviceError, as_nhwc_uint8, autocast, checked_precision, frames_per_call,
+    resolve_device, with_batch_norms_folded,
+)
+from tests.media import ASTRONAUT_FACE_BOX, photo
+
+
+def test_a_device_this_machine_lacks_is_one_line_saying_what_to_use():
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="use --device cpu"):
+            resolve_device("cuda:1")
+    with pytest.raises(DeviceError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_calls_are_small_on_the_cpu_and_large_on_a_gpu():
+    assert frames_per_call(torch.device("cpu")) == CPU_FRAMES_PER_CALL < GPU_FRAMES_PER_CALL
+    assert frames_per_call(torch.device("cuda", 0)) == GPU_FRAMES_PER_CALL
+
+
+@pytest.mark.parametrize("precision, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                              ("float16", torch.float16)])
+def test_each_precision_computes_in_its_dtype(precision, dtype):
+    layer = torch.nn.Linear(4, 4)
+    with torch.inference_mode(), autocast(torch.device("cpu"), precision):
+        assert layer(torch.ones(2, 4)).dtype == dtype
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="choose from float32, bfloat16, float16"):
+        checked_precision("int8")
+
+
+def test_frames_are_checked_and_made_contiguous():
+    flipped = np.zeros((2, 8, 8, 3), np.uint8)[:, ::-1]
+    assert as_nhwc_uint8(flipped).is_contiguous()
+    with pytest.raises(ValueError, match=r"expected uint8 RGB frames shaped \(N, H, W, 3\)"):
+        as_nhwc_uint8(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_half_precision_face_features_are_close_to_float32(weight_path):
+    x1, y1, x2, y2 = ASTRONAUT_FACE_BOX
+    face = photo("astronaut")[y1:y2, x1:x2]
+    faces = np.stack([face, face[:, ::-1]])
+    full = FaceCNN(weight_path("mini-xception-fer2013"), device="cpu").embed(faces)
+    half = FaceCNN(weight_path("mini-xception-fer2013"), device="cpu", precision="float16").embed(faces)
+    assert half.features.dtype == torch.float32, "outputs come back in float32 whatever the precision"
+    assert F.cosine_similarity(full.features, half.features).min() > 0.999
+    assert torch.equal(full.logits.argmax(1), half.logits.argmax(1))
+
+
+def test_batch_norms_after_convolutions_are_folded_without_changing_the_output():
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    alone = torch.nn.BatchNorm2d(8)  # not after a convolution in a Sequential: kept
+    model = torch.nn.Sequential(inner, alone).eval()
+    for norm in (inner[1], alone):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    folded = with_batch_norms_folded(model)
+    assert isinstance(folded[0][1], torch.nn.Identity) and folded[1] is alone
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
