@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from extract.face_cnn import EXPRESSION_CLASSES, FaceCNN
-from extract.faces import FACE_CROP_SIZE, choose_main_face, crop_every_face, crop_squares, detect_downscaled
+from extract.faces import (
+    FACE_CROP_SIZE, choose_main_face, crop_every_face, crop_squares, cut_squares, detect_downscaled,
+)
 from extract.retinaface import FaceDetections, RetinaFaceDetector
 from tests.media import ASTRONAUT_FACE_BOX, HEAD, moving_face, photo, read_clip, write_clip
 
@@ -102,3 +105,15 @@ def test_every_candidate_is_cropped_with_its_frame_index():
     assert crops[2].max() == 100 and crops[0].max() == 0
     empty_crops, empty_owners = crop_every_face(frames, [faces(), faces(), faces()])
     assert empty_crops.shape == (0, FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and len(empty_owners) == 0
+
+
+def test_squares_cut_from_their_surroundings_equal_squares_cut_from_whole_frames():
+    """Inside, across the edge of and wholly outside the frame, on random pixels."""
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 90, 160, 3), dtype=np.uint8))
+    squares = np.array([[10.3, 5.7, 60.2, 55.6], [-20.5, -10.2, 30.1, 40.7], [120.4, 50.2, 190.9, 120.7],
+                        [200.0, 100.0, 260.0, 160.0]], np.float32)
+    owners = np.array([0, 1, 2, 0])
+    rois = torch.cat([torch.from_numpy(owners).float()[:, None], torch.from_numpy(squares)], dim=1)
+    whole = torchvision.ops.roi_align(frames.permute(0, 3, 1, 2).float(), rois, 32, sampling_ratio=-1, aligned=True)
+    expected = whole.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(cut_squares(frames, squares, owners, 32), expected)
