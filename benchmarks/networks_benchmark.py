@@ -141,13 +141,17 @@ def context_rows(backbone: str, squares: torch.Tensor, compile_too: bool) -> lis
     )[0]
 
 
-def onnx_rows(frames: torch.Tensor, crops: torch.Tensor, squares: torch.Tensor, work: Path) -> list[str]:
-    """ONNX Runtime on the bare models (float32), against the same models in PyTorch."""
+def onnx_rows(frames: torch.Tensor, squares: torch.Tensor, work: Path) -> list[str]:
+    """ONNX Runtime on the bare models (float32), against the same models in PyTorch.
+
+    The face CNN is left out: its TensorFlow-style asymmetric padding does not survive the
+    export with a dynamic batch (ONNX Runtime refuses a residual sum), and it is already
+    within 10% of its bare model.
+    """
     import onnxruntime
 
     networks = {
         "RetinaFace": (RetinaFaceDetector(device="cpu"), lambda n, x: n._prepare(x), lambda n: n.model, frames),
-        "face CNN": (FaceCNN(device="cpu"), lambda n, x: _to_model_input(x), lambda n: n.model, crops),
         "context CNN mobilenet_v2": (ContextCNN("mobilenet_v2", device="cpu"), lambda n, x: n._prepare(x),
                                      lambda n: n.model.features, squares),
     }
@@ -160,8 +164,8 @@ def onnx_rows(frames: torch.Tensor, crops: torch.Tensor, squares: torch.Tensor, 
         torch.onnx.export(module(network), (ready[:1],), str(path), dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {0: "n"}})
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        torch_rate, _ = best_rate(lambda x: module(network)(x), ready, (32, 64))
-        ort_rate, _ = best_rate(lambda x: session.run(None, {"x": x.numpy()}), ready, (32, 64))
+        torch_rate, _ = best_rate(lambda x: module(network)(x), ready, (4, 8, 16))
+        ort_rate, _ = best_rate(lambda x: session.run(None, {"x": x.contiguous().numpy()}), ready, (4, 8, 16))
         rows.append(f"{name}: ONNX Runtime {ort_rate:.1f}/s vs PyTorch {torch_rate:.1f}/s = {ort_rate / torch_rate:.2f}x")
     return rows
 
@@ -185,7 +189,7 @@ def main() -> None:
         for backbone in ("mobilenet_v2", "squeezenet1_1"):
             rows += context_rows(backbone, squares, args.compile)
         if args.onnx:
-            rows += onnx_rows(frames, crops, squares, Path(tmp))
+            rows += onnx_rows(frames, squares, Path(tmp))
     print("\n".join(rows))
 
 
