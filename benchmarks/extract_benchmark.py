@@ -39,7 +39,7 @@ import av  # noqa: E402
 from extract.context_cnn import context_crops  # noqa: E402
 from extract.faces import crop_every_face, detect_downscaled  # noqa: E402
 from extract.pipeline import ExtractSettings, extract_split, feature_attrs, load_networks  # noqa: E402
-from extract.video import sample_frames  # noqa: E402
+from extract.video import _TOLERANCE as SAMPLING_TOLERANCE, sample_frames  # noqa: E402
 from features import ClipFeatures, ShardWriter  # noqa: E402
 from manifests.manifest import ClipEntry, write_manifest  # noqa: E402
 from tests.media import photo, write_clip  # noqa: E402
@@ -88,10 +88,10 @@ def bare_decode(paths: list[Path], fps: float) -> tuple[int, int]:
                 decoded += 1
                 seconds = float(frame.pts * stream.time_base)
                 first = seconds if first is None else first
-                if seconds - first >= grid / fps - 0.0005:
+                if seconds - first >= grid / fps - SAMPLING_TOLERANCE:
                     frame.to_ndarray(format="rgb24")
                     kept += 1
-                    while grid / fps - 0.0005 <= seconds - first:
+                    while grid / fps - SAMPLING_TOLERANCE <= seconds - first:
                         grid += 1
     return decoded, kept
 

@@ -33,11 +33,11 @@ def build_backbone(backbone: ContextBackbone) -> nn.Module:
 
 
 def centre_square(frames: torch.Tensor, size: int = CONTEXT_SIZE) -> torch.Tensor:
-    """(N,3,H,W) -> (N,3,size,size): the largest centred square, scaled (the paper's context crop)."""
+    """(N,3,H,W) -> (N,3,size,size), same dtype: the largest centred square, scaled (the paper's context crop)."""
     height, width = frames.shape[-2:]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    square = frames[..., top : top + side, left : left + side].float()
+    square = frames[..., top : top + side, left : left + side]
     if side == size:
         return square
     return F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -47,16 +47,9 @@ def context_crops(frames: torch.Tensor) -> torch.Tensor:
     """(N,H,W,3) uint8 frames -> (N,224,224,3) uint8: the paper's context stream images.
 
     Scaled as uint8, which torch's antialiased bilinear resize does directly on channels-last
-    pixels: 9x faster than through float, and at most one level (of 255) different.
+    pixels (on the CPU): 9x faster than through float, and at most one level (of 255) different.
     """
-    height, width = frames.shape[1:3]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    square = frames[:, top : top + side, left : left + side].permute(0, 3, 1, 2)
-    if side != CONTEXT_SIZE:
-        square = F.interpolate(square, size=(CONTEXT_SIZE, CONTEXT_SIZE), mode="bilinear", antialias=True,
-                               align_corners=False)
-    return square.permute(0, 2, 3, 1)
+    return centre_square(frames.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class ContextCNN:
@@ -102,10 +95,12 @@ class ContextCNN:
         return self.backbone.feature_dim
 
     def _prepare(self, frames) -> torch.Tensor:
-        frames = as_nhwc_uint8(frames).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        """Frames of any size -> normalised 224x224 squares on the device; cropped on the CPU, as
+        stage 1 crops them, so a frame gives the same feature whether it came whole or cropped."""
+        squares = context_crops(as_nhwc_uint8(frames)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        return as_channels_last((centre_square(frames) / 255.0 - mean) / std)
+        return as_channels_last((squares.float() / 255.0 - mean) / std)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         ready = self._prepare(frames)  # preprocessing stays float32

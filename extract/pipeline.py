@@ -494,8 +494,9 @@ def _entries_to_extract(settings: ExtractSettings, progress: bool, log: Callable
             shown,
             "Fix: paths are absolute or relative to the manifest's folder; rebuild the manifest where the videos are.",
         )
-    entries = _this_part(entries, settings, progress)
-    missing = missing_file_problems(entries)
+    part = _this_part(entries, settings, progress)
+    if part is not entries:
+        entries, missing = part, missing_file_problems(part)
     if missing:
         log(f"warning: {len(missing)} of {len(entries)} clips are missing; they will be listed in failures.csv:")
         for line in missing:
