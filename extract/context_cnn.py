@@ -18,14 +18,17 @@ from torch import nn
 
 from extract.settings import DEFAULT_CONTEXT_BACKBONE, DEFAULT_PRECISION, ContextBackbone, backbone_for
 from extract.runtime import (
-    as_channels_last, as_nhwc_uint8, autocast, checked_precision, frames_per_call, prepared_for_inference,
-    resolve_device,
+    InputNormalisation, as_nhwc_uint8, autocast, checked_precision, frames_per_call, network_input,
+    prepared_for_inference, resolve_device,
 )
 from extract.weights import load_state_dict_checked, verified_path
 
 CONTEXT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALISATION = InputNormalisation(
+    channels=(0, 1, 2), mean=tuple(255 * m for m in IMAGENET_MEAN), std=tuple(255 * s for s in IMAGENET_STD)
+)
 
 
 def build_backbone(backbone: ContextBackbone) -> nn.Module:
@@ -64,7 +67,7 @@ class ContextCNN:
         self.weights_path = weights_path or verified_path(self.backbone.weight_name)
         load_state_dict_checked(self.model, self.weights_path, f"{backbone} (ImageNet)")
         self.pretrained = True
-        self.model = prepared_for_inference(self.model, self.device)
+        self.model = prepared_for_inference(self.model, self.device, NORMALISATION)
 
     @classmethod
     def random_init(cls, backbone: str, seed: int = 0, device: str | None = None,
@@ -78,7 +81,7 @@ class ContextCNN:
         self.device = resolve_device(device)
         self.precision = checked_precision(precision)
         torch.manual_seed(seed)
-        self.model = prepared_for_inference(build_backbone(self.backbone), self.device)
+        self.model = prepared_for_inference(build_backbone(self.backbone), self.device, NORMALISATION)
         self.weights_path = None
         self.pretrained = False
         self.seed = seed
@@ -95,12 +98,10 @@ class ContextCNN:
         return self.backbone.feature_dim
 
     def _prepare(self, frames) -> torch.Tensor:
-        """Frames of any size -> normalised 224x224 squares on the device; cropped on the CPU, as
-        stage 1 crops them, so a frame gives the same feature whether it came whole or cropped."""
-        squares = context_crops(as_nhwc_uint8(frames)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        return as_channels_last((squares.float() / 255.0 - mean) / std)
+        """Frames of any size -> the model's input for their 224x224 squares, on the device; cropped
+        on the CPU, as stage 1 crops them, so a frame gives the same feature whether it came whole
+        or cropped."""
+        return network_input(context_crops(as_nhwc_uint8(frames)), NORMALISATION, self.device)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         ready = self._prepare(frames)  # preprocessing stays float32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,11 +61,63 @@ def checked_precision(precision: str) -> str:
     return precision
 
 
-def prepared_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+@dataclass(frozen=True)
+class InputNormalisation:
+    """What a network was trained to see in input channel c: (pixel[channels[c]] - mean[c]) / std[c],
+    with pixel the frame's RGB values from 0 to 255 (channels (2, 1, 0) for a BGR network)."""
+
+    channels: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def pixel_mean(self) -> tuple[float, float, float]:
+        """The mean to subtract from each RGB channel of the frames, in RGB order."""
+        by_pixel = dict(zip(self.channels, self.mean))
+        return tuple(by_pixel[k] for k in range(3))
+
+
+def prepared_for_inference(model: nn.Module, device: torch.device,
+                           normalisation: InputNormalisation | None = None) -> nn.Module:
     """Frozen, in eval mode, its batch norms folded into convolutions, on `device`, with
-    channels-last weights (faster convolutions on CPU and GPU)."""
+    channels-last weights (faster convolutions on CPU and GPU).
+
+    With `normalisation`, the input's channel order and scale are folded in too, and the
+    model then takes `network_input(frames, normalisation, device)`.
+    """
     model = with_batch_norms_folded(model.eval().requires_grad_(False))
+    if normalisation is not None:
+        fold_input_normalisation(first_convolution(model), normalisation)
     return model.to(device, memory_format=torch.channels_last)
+
+
+def first_convolution(model: nn.Module) -> nn.Conv2d:
+    """The convolution that reads the image: every network here registers it before any other."""
+    conv = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+    if conv.in_channels != 3 or conv.groups != 1:
+        raise ValueError(f"the first convolution of {type(model).__name__} does not read an RGB image: {conv}")
+    return conv
+
+
+@torch.no_grad()
+def fold_input_normalisation(conv: nn.Conv2d, normalisation: InputNormalisation) -> None:
+    """Make `conv` take pixels minus `pixel_mean()`, in RGB order, instead of its normalised input.
+
+    A convolution is linear in each input channel, so reordering the channels and dividing
+    by std moves exactly into its weights, saving passes over every frame. The mean stays
+    outside: the convolution pads its input with zeros, and zero must keep meaning "the
+    mean" at the borders.
+    """
+    weight = conv.weight.clone()
+    for network_channel, pixel_channel in enumerate(normalisation.channels):
+        conv.weight[:, pixel_channel] = weight[:, network_channel] / normalisation.std[network_channel]
+
+
+def network_input(frames: torch.Tensor, normalisation: InputNormalisation, device: torch.device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 frames -> the float32 (N, 3, H, W) channels-last input of a model
+    prepared for `normalisation`: one pass, subtracting the mean as the pixels become floats."""
+    pixels = frames.to(device, non_blocking=True).permute(0, 3, 1, 2)  # a channels-last view
+    mean = torch.tensor(normalisation.pixel_mean(), device=device).view(1, 3, 1, 1)
+    return as_channels_last(pixels - mean)
 
 
 def with_batch_norms_folded(model: nn.Module) -> nn.Module:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from extract.settings import BACKBONES
-from extract.context_cnn import CONTEXT_SIZE, ContextCNN, centre_square
+from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN, centre_square, context_crops
+from extract.weights import load_state_dict_checked
 from tests.media import photo
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -37,6 +39,17 @@ def test_squeezenet_context_feature_is_25088_and_random_weights_say_so():
     assert not cnn.pretrained and "RANDOM" in cnn.weights_label
     features = cnn.embed(np.stack([photo("rocket")[:400, :600]] * 3))
     assert features.shape == (3, 25088) == (3, cnn.feature_dim)
+
+
+def test_features_equal_torchvision_with_its_usual_normalisation(mobilenet, weight_path):
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    load_state_dict_checked(reference, weight_path("mobilenetv2-imagenet"), "MobileNetV2")
+    frames = torch.from_numpy(np.stack([photo("chelsea")[:300, :400], photo("astronaut")[:300, :400]]))
+    squares = context_crops(frames).permute(0, 3, 1, 2).float() / 255
+    normalised = torchvision.transforms.functional.normalize(squares, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.inference_mode():
+        expected = reference.eval().features(normalised).mean(dim=(2, 3))
+    torch.testing.assert_close(mobilenet.embed(frames), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_batches_and_single_frames_agree(mobilenet):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 
-from extract.retinaface import VARIANTS, RetinaFace, RetinaFaceDetector, prior_boxes
+from extract.retinaface import (
+    BGR_MEAN, VARIANTS, RetinaFace, RetinaFaceDetector, decode_boxes, decode_landmarks, prior_boxes,
+)
+from extract.weights import load_state_dict_checked
 from extract.weights import WeightsError
 from tests.media import ASTRONAUT_FACE_BOX, SCENES_WITHOUT_FACES, panned_frames, photo, read_clip, write_clip
 
@@ -62,6 +66,37 @@ def test_a_batch_gives_the_same_detections_as_single_calls(detector, astronaut_c
         np.testing.assert_allclose(together.boxes, alone.boxes, atol=1e-3)
         np.testing.assert_allclose(together.scores, alone.scores, atol=1e-5)
         np.testing.assert_allclose(together.landmarks, alone.landmarks, atol=1e-3)
+
+
+def reference_detections(weights, frame: np.ndarray, threshold: float = 0.5):
+    """The published recipe, one frame, nothing folded or skipped: BGR minus means, softmax, decode all, NMS."""
+    model = RetinaFace(VARIANTS["mobilenet0.25"])
+    load_state_dict_checked(model, weights, "RetinaFace")
+    bgr = torch.from_numpy(frame[..., ::-1].copy()).permute(2, 0, 1).float()[None]
+    with torch.inference_mode():
+        offsets, logits, landmark_offsets = model.eval()(bgr - torch.tensor(BGR_MEAN).view(1, 3, 1, 1))
+    priors, scale = prior_boxes(*frame.shape[:2]), torch.tensor([frame.shape[1], frame.shape[0]])
+    scores = logits[0].softmax(-1)[:, 1]
+    boxes = decode_boxes(offsets[0], priors) * scale.repeat(2)
+    landmarks = decode_landmarks(landmark_offsets[0], priors) * scale
+    keep = torch.nonzero(scores > threshold).flatten()
+    kept = keep[torchvision.ops.nms(boxes[keep], scores[keep], 0.4)]
+    return boxes[kept].numpy(), scores[kept].numpy(), landmarks[kept].numpy()
+
+
+def test_detections_equal_the_published_recipe_with_nothing_folded(detector, weight_path, astronaut_clip_frames):
+    frames = [*astronaut_clip_frames[:2], photo("astronaut")]
+    for frame, found in zip(frames, detector.detect(frames)):
+        boxes, scores, landmarks = reference_detections(weight_path("retinaface-mobilenet0.25"), frame)
+        assert len(found.boxes) == len(boxes) >= 1
+        np.testing.assert_allclose(found.boxes, boxes, atol=0.01)
+        np.testing.assert_allclose(found.scores, scores, atol=1e-5)
+        np.testing.assert_allclose(found.landmarks, landmarks, atol=0.01)
+
+
+def test_a_score_threshold_outside_zero_to_one_is_refused(weight_path):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        RetinaFaceDetector(weights_path=weight_path("retinaface-mobilenet0.25"), device="cpu", score_threshold=1.0)
 
 
 def test_empty_batch(detector):

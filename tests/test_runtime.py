@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from extract.face_cnn import FaceCNN
 from extract.runtime import (
-    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, DeviceError, as_nhwc_uint8, autocast, checked_precision, frames_per_call,
-    resolve_device, with_batch_norms_folded,
+    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, DeviceError, InputNormalisation, as_nhwc_uint8, autocast,
+    checked_precision, frames_per_call, network_input, prepared_for_inference, resolve_device,
+    with_batch_norms_folded,
 )
 from tests.media import ASTRONAUT_FACE_BOX, photo
 
@@ -81,3 +82,23 @@ def test_batch_norms_after_convolutions_are_folded_without_changing_the_output()
     folded = with_batch_norms_folded(model)
     assert isinstance(folded[0][1], torch.nn.Identity) and folded[1] is alone
     torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_order_and_scale_fold_into_the_first_convolution_exactly_even_at_the_borders():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
+    bgr = InputNormalisation(channels=(2, 1, 0), mean=(104.0, 117.0, 123.0), std=(58.0, 57.0, 57.5))
+    frames = torch.from_numpy(np.stack([photo("astronaut")[:64, :96], photo("chelsea")[:64, :96]]))
+    pixels = frames.permute(0, 3, 1, 2).float()[:, list(bgr.channels)]
+    normalised = (pixels - torch.tensor(bgr.mean).view(1, 3, 1, 1)) / torch.tensor(bgr.std).view(1, 3, 1, 1)
+    expected = model.eval()(normalised)
+    folded = prepared_for_inference(model, torch.device("cpu"), bgr)
+    ready = network_input(frames, bgr, torch.device("cpu"))
+    assert ready.dtype == torch.float32 and ready.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(folded(ready), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_network_whose_first_convolution_does_not_read_rgb_is_refused():
+    gray = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3))
+    with pytest.raises(ValueError, match="does not read an RGB image"):
+        prepared_for_inference(gray, torch.device("cpu"), InputNormalisation((0, 1, 2), (0, 0, 0), (1, 1, 1)))
