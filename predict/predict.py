@@ -128,12 +128,14 @@ def collect_videos(inputs: list[Path]) -> list[ClipEntry]:
     """
     inputs = [Path(p) for p in inputs]
     entries = [e for p in inputs if is_manifest(p) for e in read_manifest(p, check_files=False)]
-    paths = {}
+    short_ids = {}
     for given in inputs:
         if not is_manifest(given):
-            found = videos_under(given) if given.is_dir() else [given]
-            paths.update(dict.fromkeys(Path(os.path.normpath(p.absolute())) for p in found))
-    entries += entries_by_path(list(paths))
+            top = Path(os.path.normpath(given.absolute())) if given.is_dir() else None
+            for found in videos_under(given) if top else [given]:
+                path = Path(os.path.normpath(found.absolute()))
+                short_ids.setdefault(path, path.relative_to(top).as_posix() if top else path.name)
+    entries += entries_by_path(short_ids)
     check_unique_ids(entries)
     if not any(entry.path.is_file() for entry in entries):
         shown = ", ".join(str(p) for p in inputs) or "nothing"
@@ -145,12 +147,13 @@ def is_manifest(path: Path) -> bool:
     return path.suffix.lower() == MANIFEST_SUFFIX
 
 
-def entries_by_path(paths: list[Path]) -> list[ClipEntry]:
-    """Clip ids are paths relative to the videos' common folder, so same-named files never collide."""
-    if not paths:
-        return []
-    common = Path(os.path.commonpath([p.parent for p in paths]))
-    return [ClipEntry(p.relative_to(common).as_posix(), p, None, PREDICTION_SPLIT) for p in paths]
+def entries_by_path(short_ids: dict[Path, str]) -> list[ClipEntry]:
+    """Each video's short id (its path below the folder given, or the name of a file given) when
+    no two collide; else every id is the path below the videos' common folder, which never collide."""
+    if len(set(short_ids.values())) < len(short_ids):
+        common = Path(os.path.commonpath([p.parent for p in short_ids]))
+        short_ids = {p: p.relative_to(common).as_posix() for p in short_ids}
+    return [ClipEntry(clip_id, p, None, PREDICTION_SPLIT) for p, clip_id in short_ids.items()]
 
 
 def check_unique_ids(entries: list[ClipEntry]) -> None:

@@ -184,7 +184,11 @@ def test_collect_videos_from_folders_files_and_manifests(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     entries = collect_videos([tmp_path / "a", tmp_path / "b", tmp_path / "a" / "x.mp4"])
-    assert [e.clip_id for e in entries] == ["a/x.mp4", "b/deep/y.MKV", "b/x.mp4"]
+    assert [e.clip_id for e in entries] == ["a/x.mp4", "b/deep/y.MKV", "b/x.mp4"], "x.mp4 twice: below the common folder"
+    elsewhere = tmp_path / "elsewhere" / "deeper" / "z.mp4"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(b"x")
+    assert [e.clip_id for e in collect_videos([tmp_path / "b", elsewhere])] == ["deep/y.MKV", "x.mp4", "z.mp4"]
     assert all(e.path.is_absolute() and e.label is None for e in entries)
     manifest = tmp_path / "clips.csv"
     manifest.write_text("clip_id,path,label,split\none,a/x.mp4,happy,test\ntwo,missing.mp4,,test\n")
