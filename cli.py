@@ -13,12 +13,13 @@ from pathlib import Path
 
 import click
 
+from features.layout import DEFAULT_ROOT
 from extract.settings import (
-    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
+    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_PRECISION,
     PRECISIONS,
 )
 from train.config import (
-    ALIASES, DEFAULT_COMPARE, DEFAULT_FEATURES, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS,
+    ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS,
 )
 
 DEFAULT_DEMO_OUT = Path("outputs/demo")
@@ -252,7 +253,7 @@ def manifest_check(manifest, split):
 @cli.command()
 @click.option("--split", required=True, help="Which split of the manifest to extract (train, val, test...).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MANIFEST, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
               help="Output root; shards go to OUT/SPLIT/.")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FPS, show_default=True,
               help="Sampling rate (the paper: 5).")
@@ -373,7 +374,7 @@ def features_merge(folders, out):
 def training_options(command):
     """Options shared by `train` and `compare`."""
     options = [
-        click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_FEATURES,
+        click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT,
                      show_default=True, help="Root holding one folder of shards per split (extract's --out)."),
         click.option("--train-split", default="train", show_default=True),
         click.option("--val-split", default="val", show_default=True),

@@ -26,7 +26,6 @@ from train.config import TrainConfig
 from train.loop import COMPLETE_MARK, evaluate_run, train_model
 from train.metrics import Metrics
 
-DEFAULT_OUT = Path("outputs/demo")
 DEMO_SET = SampleSetConfig(clips_per_class={"train": 24, "val": 12}, seconds=(2.0, 4.0))
 CONTEXT_BACKBONE = "mobilenet_v2"
 MODELS = ("face", "context", "concat", "parallel", "caca")
@@ -132,7 +131,7 @@ def _write_summary(path: Path, results: dict[str, Metrics], timings: dict[str, f
     path.write_text("\n".join(lines))
 
 
-def run_demo(out: Path = DEFAULT_OUT, log: Callable[[str], None] = print) -> Path:
+def run_demo(out: Path, log: Callable[[str], None] = print) -> Path:
     """Build, extract, train, evaluate; print the results and return the path of out/summary.md."""
     out = Path(out)
     timings: dict[str, float] = {}

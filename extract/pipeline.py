@@ -42,11 +42,12 @@ from extract.embed import ClipInProgress, Embedder, Networks, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
 from extract.settings import (
-    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_OUT, DEFAULT_PRECISION,
+    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_PRECISION,
 )
 from extract.video import VideoError, VideoInfo, header_duration, probe, sample_frames
 from features import ClipFeatures, ShardWriter, open_features
 from features.labels import CHEAVD_CLASSES
+from features.layout import DEFAULT_ROOT
 from features.reader import write_index
 from features.writer import LOCKS_REFUSED, shard_attrs
 from features.schema import comparable, shard_files, shard_name, temp_files
@@ -70,7 +71,7 @@ class ExtractError(Exception):
 class ExtractSettings:
     split: str
     manifest: Path = DEFAULT_MANIFEST
-    out: Path = DEFAULT_OUT
+    out: Path = DEFAULT_ROOT
     fps: float = DEFAULT_FPS
     context_backbone: str = DEFAULT_CONTEXT_BACKBONE
     detector_backbone: str = "mobilenet0.25"

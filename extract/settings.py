@@ -11,7 +11,6 @@ from pathlib import Path
 
 DEFAULT_FPS = 5.0  # the paper's sampling rate
 DEFAULT_MANIFEST = Path("manifests/cheavd.csv")
-DEFAULT_OUT = Path("outputs/features")
 DEFAULT_CONTEXT_BACKBONE = "squeezenet1_1"  # the paper's
 # How the frozen CNNs compute: float32 as trained, or autocast to a 16-bit type, which is
 # faster where the hardware has it (bfloat16 on recent CPUs, float16 on GPUs) and gives

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_FEATURES = Path("outputs/features")
+from features.layout import DEFAULT_ROOT
+
+from features.layout import DEFAULT_ROOT
+
 DEFAULT_RUNS = Path("runs")
 DEFAULT_COMPARE = DEFAULT_RUNS / "compare"
 DEFAULT_TEST_SPLIT = "test"
@@ -26,7 +29,7 @@ PRELOAD_CHOICES = ("auto", "always", "never")
 @dataclass(frozen=True)
 class TrainConfig:
     model: str
-    features: Path = DEFAULT_FEATURES
+    features: Path = DEFAULT_ROOT
     train_split: str = "train"
     val_split: str = "val"
     out: Path | None = None
