@@ -111,6 +111,21 @@ def test_round_trip_of_three_shards_reads_back_exact_arrays(tmp_path):
     assert validate(tmp_path) == []
 
 
+def test_reading_some_arrays_gives_exactly_those_of_the_full_read(tmp_path):
+    three_shards(tmp_path)
+    chosen = ("face", "context", "has_face")
+    with open_features(tmp_path) as features:
+        for clip_id in features.clip_ids:
+            full, some = features[clip_id], features.read(clip_id, arrays=chosen)
+            assert set(some) == set(chosen) | {"clip_id", "label", "source_path", "source_fps", "duration"}
+            for name in chosen:
+                assert some[name].dtype == full[name].dtype
+                np.testing.assert_array_equal(some[name], full[name])
+            assert all(some[key] == full[key] for key in ("clip_id", "label", "source_path", "source_fps", "duration"))
+        with pytest.raises(KeyError, match="face_crop"):
+            features.read("a1", arrays=("face", "face_crop"))
+
+
 def test_context_can_be_stored_as_float32(tmp_path):
     clip = make_clip("x", 4)
     clip = dataclasses.replace(clip, context=clip.context.astype(np.float32) + 1e-4)

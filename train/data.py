@@ -29,6 +29,10 @@ from features.schema import FACE_DIM, FACE_MAP_SHAPE
 
 UNLABELLED = -1
 
+# The per-frame arrays a model's steps are built from; the rest of a clip (boxes, landmarks,
+# timestamps, scores) is never read in training, which saves a read per array and clip.
+STEP_ARRAYS = ("face", "context", "has_face")
+
 
 # "auto" preloads a split whose arrays take at most this share of the memory available now.
 PRELOAD_MEMORY_SHARE = 0.5
@@ -83,6 +87,7 @@ class ClipDataset(Dataset):
                  with_face_maps: bool = False):
         self.features = features
         self.with_face_maps = with_face_maps
+        self.arrays = (*STEP_ARRAYS, "face_map") if with_face_maps else STEP_ARRAYS
         self.clip_ids = list(features.clip_ids)
         index = {name: i for i, name in enumerate(classes)}
         self.labels = [UNLABELLED if features.labels[c] is None else index[features.labels[c]] for c in self.clip_ids]
@@ -93,7 +98,8 @@ class ClipDataset(Dataset):
         return len(self.clip_ids)
 
     def _read(self, i: int) -> ClipSteps:
-        return clip_steps(self.clip_ids[i], self.features[self.clip_ids[i]], self.labels[i], self.with_face_maps)
+        clip = self.features.read(self.clip_ids[i], self.arrays)
+        return clip_steps(self.clip_ids[i], clip, self.labels[i], self.with_face_maps)
 
     def __getitem__(self, i: int) -> ClipSteps:
         steps = self.cache[i] if self.cache is not None else self._read(i)
