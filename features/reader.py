@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import h5py
+import numpy as np
+from h5py import h5s
 
 from features.schema import (
     CLIP_COLUMNS,
@@ -76,6 +78,23 @@ def open_shard_file(path: Path) -> h5py.File:
         raise FeatureFileError(f"{path}: no such shard (moved or deleted since the set was opened?)") from exc
     except OSError as exc:
         raise FeatureFileError(f"{path}: cannot be opened as HDF5 ({exc}); the file is damaged or truncated") from exc
+
+
+def read_rows(dataset: h5py.Dataset, start: int, length: int) -> np.ndarray:
+    """Rows [start, start + length) of a per-frame dataset.
+
+    h5py reads the has_face mask (a one-byte HDF5 enum FALSE=0/TRUE=1) through HDF5's enum
+    conversion, which costs more than reading a clip's 1280-d context. Its stored bytes are
+    already numpy bools, so they are read as they are.
+    """
+    file_type = dataset.id.get_type()
+    if dataset.dtype.kind != "b" or file_type.get_size() != 1:
+        return dataset[start : start + length]
+    rows = np.empty(length, dtype=bool)
+    selection = dataset.id.get_space()
+    selection.select_hyperslab((start,), (length,))
+    dataset.id.read(h5s.create_simple((length,)), selection, rows, mtype=file_type)
+    return rows
 
 
 @contextmanager
@@ -317,7 +336,7 @@ class FeatureSet:
         if unknown:
             raise KeyError(f"{shard.path.name} has no per-frame array {', '.join(map(repr, unknown))}")
         try:
-            clip = {name: datasets[name][start : start + length] for name in names}
+            clip = {name: read_rows(datasets[name], start, length) for name in names}
         except OSError as exc:
             raise FeatureFileError(f"{shard.path}: clip {clip_id!r} unreadable ({exc}); the file is damaged") from exc
         clip.update(
