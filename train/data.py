@@ -115,28 +115,28 @@ def collate(items: list[ClipSteps]) -> dict:
     """Left-aligned padding to the longest clip; `mask` is True on real steps; "face_map" when the items have them."""
     lengths = torch.tensor([len(item.face) for item in items])
     steps = int(lengths.max())
-    face = torch.zeros(len(items), steps, items[0].face.shape[1])
-    context = torch.zeros(len(items), steps, items[0].context.shape[1])
-    for row, item in enumerate(items):
-        face[row, : len(item.face)] = torch.from_numpy(item.face)
-        context[row, : len(item.context)] = torch.from_numpy(item.context.astype(np.float32, copy=False))
     batch = {
-        "face": face,
-        "context": context,
+        "face": padded([item.face for item in items], steps),
+        "context": padded([item.context for item in items], steps),
         "mask": torch.arange(steps)[None, :] < lengths[:, None],
         "label": torch.tensor([item.label for item in items]),
         "clip_id": [item.clip_id for item in items],
     }
     if items[0].face_map is not None:
-        batch["face_map"] = padded_face_maps(items, steps)
+        batch["face_map"] = padded([item.face_map for item in items], steps)
     return batch
 
 
-def padded_face_maps(items: list[ClipSteps], steps: int) -> torch.Tensor:
-    face_map = torch.zeros(len(items), steps, *FACE_MAP_SHAPE)
-    for row, item in enumerate(items):
-        face_map[row, : len(item.face_map)] = torch.from_numpy(item.face_map.astype(np.float32))
-    return face_map
+def padded(arrays: list[np.ndarray], steps: int) -> torch.Tensor:
+    """float32 (clips, steps, ...): each clip's rows first, zeros after.
+
+    Assigning float16 rows into the float32 array converts them in the copy itself; a
+    separate astype would be one more pass over the batch's largest array.
+    """
+    out = np.zeros((len(arrays), steps, *arrays[0].shape[1:]), np.float32)
+    for row, array in enumerate(arrays):
+        out[row, : len(array)] = array
+    return torch.from_numpy(out)
 
 
 def make_loader(
