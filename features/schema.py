@@ -59,9 +59,9 @@ CLIP_COLUMNS = {
 
 # gzip (deflate) is built into every HDF5 library, so any team's tool reads the shards;
 # shuffle groups the bytes of each float by significance, which deflate then packs far
-# better. "none" stores the same values 1.8x larger but reads them about 10x faster, for
-# training from a local copy (`features repack`). HDF5 records the filters per dataset, so
-# readers need no setting and shards of either kind mix in one set. Measurements behind
+# better. "none" stores the same values in more space and reads them without decompressing,
+# for training from a local copy (`features repack`). HDF5 records the filters per dataset,
+# so readers need no setting and shards of either kind mix in one set. Measurements behind
 # both are in features/README.md.
 COMPRESSIONS = {
     "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True},
