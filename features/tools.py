@@ -96,7 +96,7 @@ def shard_compression(path: Path) -> str:
 
 
 def compression_summary(shards: list[ShardInfo]) -> str:
-    """"gzip", or the shards of each kind when a set mixes them (e.g. after merging a repacked part)."""
+    """The set's compression, or how many shards of each kind when it mixes them (a merged repacked part)."""
     counts = Counter(shard_compression(shard.path) for shard in shards)
     if len(counts) == 1:
         return next(iter(counts))
