@@ -18,9 +18,11 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
+import numpy as np
+from h5py import h5s
 
 from features.schema import (
     CLIP_COLUMNS,
@@ -76,6 +78,23 @@ def open_shard_file(path: Path) -> h5py.File:
         raise FeatureFileError(f"{path}: no such shard (moved or deleted since the set was opened?)") from exc
     except OSError as exc:
         raise FeatureFileError(f"{path}: cannot be opened as HDF5 ({exc}); the file is damaged or truncated") from exc
+
+
+def read_rows(dataset: h5py.Dataset, start: int, length: int) -> np.ndarray:
+    """Rows [start, start + length) of a per-frame dataset.
+
+    h5py reads the has_face mask (a one-byte HDF5 enum FALSE=0/TRUE=1) through HDF5's enum
+    conversion, which costs more than reading a clip's 1280-d context. Its stored bytes are
+    already numpy bools, so they are read as they are.
+    """
+    file_type = dataset.id.get_type()
+    if dataset.dtype.kind != "b" or file_type.get_size() != 1:
+        return dataset[start : start + length]
+    rows = np.empty(length, dtype=bool)
+    selection = dataset.id.get_space()
+    selection.select_hyperslab((start,), (length,))
+    dataset.id.read(h5s.create_simple((length,)), selection, rows, mtype=file_type)
+    return rows
 
 
 @contextmanager
@@ -259,6 +278,8 @@ def open_features(path) -> "FeatureSet":
 class FeatureSet:
     """The clips of one or more comparable shards: `fs[clip_id]` -> dict of arrays and scalars.
 
+    `fs.read(clip_id, arrays=("face", "has_face"))` reads only the per-frame arrays named.
+
     Each clip is one slice [start:start+length] of every per-frame dataset of its shard.
     HDF5 handles are opened on first read, per process, read-only; `close()` drops them.
     """
@@ -298,11 +319,24 @@ class FeatureSet:
         return f"FeatureSet({len(self)} clips in {len(self.shards)} shards)"
 
     def __getitem__(self, clip_id: str) -> dict:
+        return self.read(clip_id)
+
+    def read(self, clip_id: str, arrays: Iterable[str] | None = None) -> dict:
+        """`fs[clip_id]`, with only the per-frame `arrays` named (all when None) read from the shard.
+
+        Each array is one HDF5 read (and, in gzip shards, the decompression of its chunks),
+        so a caller that needs three of the eight arrays should not pay for the others.
+        """
         number, row = self._location[clip_id]
         shard = self.shards[number]
         start, length = shard.table["start"][row], shard.table["length"][row]
+        datasets = self._datasets(number)
+        names = datasets.keys() if arrays is None else arrays
+        unknown = [name for name in names if name not in datasets]
+        if unknown:
+            raise KeyError(f"{shard.path.name} has no per-frame array {', '.join(map(repr, unknown))}")
         try:
-            clip = {name: dataset[start : start + length] for name, dataset in self._datasets(number).items()}
+            clip = {name: read_rows(datasets[name], start, length) for name in names}
         except OSError as exc:
             raise FeatureFileError(f"{shard.path}: clip {clip_id!r} unreadable ({exc}); the file is damaged") from exc
         clip.update(

@@ -59,8 +59,15 @@ CLIP_COLUMNS = {
 
 # gzip (deflate) is built into every HDF5 library, so any team's tool reads the shards;
 # shuffle groups the bytes of each float by significance, which deflate then packs far
-# better. Measurements behind the choice are in features/README.md.
-COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+# better. "none" stores the same values in more space and reads them without decompressing,
+# for training from a local copy (`features repack`). HDF5 records the filters per dataset,
+# so readers need no setting and shards of either kind mix in one set. Measurements behind
+# both are in features/README.md.
+COMPRESSIONS = {
+    "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True},
+    "none": {"compression": None, "compression_opts": None, "shuffle": False},
+}
+DEFAULT_COMPRESSION = "gzip"
 CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_FRAMES = 1024
 
@@ -152,6 +159,14 @@ def chunk_frames(dtype: np.dtype, tail: tuple[int, ...]) -> int:
     """Frames per chunk: about CHUNK_BYTES, so a chunk fits HDF5's default 1 MiB chunk cache."""
     row_bytes = dtype.itemsize * math.prod(tail)
     return max(1, min(MAX_CHUNK_FRAMES, CHUNK_BYTES // row_bytes))
+
+
+def compression_of(dataset: h5py.Dataset) -> str:
+    """The COMPRESSIONS name of a stored dataset's filters, or HDF5's own description of others."""
+    stored = {"compression": dataset.compression, "compression_opts": dataset.compression_opts,
+              "shuffle": dataset.shuffle}
+    names = [name for name, settings in COMPRESSIONS.items() if settings == stored]
+    return names[0] if names else f"{dataset.compression} {dataset.compression_opts}, shuffle {dataset.shuffle}"
 
 
 def shard_name(number: int) -> str:

@@ -1,4 +1,4 @@
-"""Feature-set tools behind `cli.py features inspect|validate|merge`."""
+"""Feature-set tools behind `cli.py features inspect|validate|merge|repack`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from features.reader import (
+    FeatureSet,
     ShardInfo,
     absolute,
     catalogue,
@@ -24,6 +25,7 @@ from features.reader import (
     read_shard_info,
     save_index,
     set_problems,
+    write_index,
 )
 from features.schema import (
     CONTEXT_DTYPES,
@@ -31,13 +33,17 @@ from features.schema import (
     FRAMES,
     INDEX_NAME,
     WRITER_ATTRS,
+    ClipFeatures,
     FeatureFileError,
     array_problems,
+    compression_of,
     shard_files,
     shard_frame_arrays,
+    shard_name,
     temp_files,
     with_setting_defaults,
 )
+from features.writer import ShardWriter
 
 WARNING = "warning: "  # validate() lines starting with this do not make a set invalid
 MAX_PROBLEMS_PER_SHARD = 20
@@ -58,6 +64,7 @@ def inspect(path) -> str:
             f"frames        {frames}, {with_face} with a face ({100 * with_face / max(frames, 1):.1f}%)",
             f"labels        {label_summary(features.labels, attrs['classes'])}",
             f"context       {attrs['context_dim']}-d {attrs['context_dtype']}",
+            f"compression   {compression_summary(features.shards)}",
             f"on disk       {size / 1e6:.1f} MB, {size / max(frames, 1):.0f} bytes per frame",
             "attributes:",
             *(f"  {key}: {describe(attrs[key])}" for key in sorted(attrs)),
@@ -77,6 +84,23 @@ def frames_with_face(shard: ShardInfo) -> int:
             return int(np.count_nonzero(handle[f"{FRAMES}/has_face"][()]))
         except (KeyError, OSError) as exc:
             raise FeatureFileError(f"{shard.path}: has_face unreadable ({exc}); run `features validate`") from exc
+
+
+def shard_compression(path: Path) -> str:
+    """How a shard's per-frame arrays are stored (the writer gives all of them the same filters)."""
+    with open_shard(path) as handle:
+        try:
+            return compression_of(handle[f"{FRAMES}/context"])
+        except KeyError as exc:
+            raise FeatureFileError(f"{path}: /{FRAMES}/context missing ({exc}); run `features validate`") from exc
+
+
+def compression_summary(shards: list[ShardInfo]) -> str:
+    """The set's compression, or how many shards of each kind when it mixes them (a merged repacked part)."""
+    counts = Counter(shard_compression(shard.path) for shard in shards)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{name} in {count} of {len(shards)} shards" for name, count in sorted(counts.items()))
 
 
 def label_summary(labels: dict, classes: list[str]) -> str:
@@ -259,3 +283,66 @@ def merge(folders: list[Path], out: Path) -> Path:
     shards = catalogue(out, relative, known)
     check_set(shards)
     return save_index(out, relative, shards)
+
+
+def repack(source, out, compression: str, progress: bool = False) -> Path:
+    """Copy every shard of a set (a folder, a merged folder or one shard) into `out` with `compression`.
+
+    `out` gets one shard per source shard, numbered in the set's order (so it lists the clips
+    in the source's order), and its index; returns the index's path. Values, attributes and
+    clip tables are the source's. A shard already in `out` that is the copy of its source
+    shard with this compression is kept, so a repack that was interrupted resumes; any other
+    shard in `out` is refused (FeatureFileError), as is a source that breaks the schema.
+    """
+    out = absolute(out)
+    with open_features(source) as features:
+        plan = {out / shard_name(number): shard for number, shard in enumerate(features.shards)}
+        done = finished_copies(out, plan, compression)
+        out.mkdir(parents=True, exist_ok=True)
+        todo = {target: shard for target, shard in plan.items() if target not in done}
+        clips = sum(len(shard.table["clip_id"]) for shard in todo.values())
+        with tqdm(total=clips, unit="clip", desc=f"repack ({compression})", disable=not progress) as bar:
+            for target, shard in todo.items():
+                repack_shard(features, shard, target, compression, bar)
+    return write_index(out)
+
+
+def finished_copies(out: Path, plan: dict[Path, ShardInfo], compression: str) -> set[Path]:
+    """The planned shards `out` already holds from an earlier run; FeatureFileError for anything else there."""
+    if not out.is_dir():
+        return set()
+    if index_folders(load_index(out)) != ["."]:
+        raise FeatureFileError(f"{out}: holds the index of a merged set; choose an empty --out folder")
+    done = set()
+    for path in shard_files(out):
+        source = plan.get(path)
+        if source is None:
+            raise FeatureFileError(f"{path}: not a shard of this repack; choose an empty --out folder")
+        if not is_copy(path, source, compression):
+            raise FeatureFileError(
+                f"{path}: exists and is not {source.path} repacked with {compression}; delete it or choose"
+                " an empty --out folder"
+            )
+        done.add(path)
+    return done
+
+
+def is_copy(path: Path, source: ShardInfo, compression: str) -> bool:
+    copy = read_shard_info(path)
+    return (copy.attrs, copy.table) == (source.attrs, source.table) and shard_compression(path) == compression
+
+
+def repack_shard(features: FeatureSet, shard: ShardInfo, target: Path, compression: str, bar: tqdm) -> None:
+    with ShardWriter.repacking(target, shard.attrs, compression) as writer:
+        for clip_id in shard.table["clip_id"]:
+            try:
+                writer.add_clip(clip_features(features.read(clip_id)))
+            except ValueError as exc:
+                raise FeatureFileError(f"{shard.path}: {exc}; run `features validate` on it") from None
+            bar.update()
+
+
+def clip_features(clip: dict) -> ClipFeatures:
+    """A clip as read back (`FeatureSet.read`), in the form the writer takes."""
+    fields = {field: clip[field] for field in ClipFeatures.__dataclass_fields__ if field in clip}
+    return ClipFeatures(**dict(fields, label=clip["label"] or ""))

@@ -21,7 +21,8 @@ import numpy as np
 from features.schema import (
     CLIP_COLUMNS,
     CLIPS,
-    COMPRESSION,
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
     CONTEXT_DTYPES,
     EXTRACTOR_ATTRS,
     FACE_CROPS_STORED,
@@ -105,13 +106,32 @@ class ShardWriter:
     body raises, the temporary file is deleted and no shard appears.
     """
 
-    def __init__(self, final_path, attrs: dict, context_dtype: str = "float16", store_face_crops: bool = False):
-        self.path = Path(final_path)
+    def __init__(self, final_path, attrs: dict, context_dtype: str = "float16", store_face_crops: bool = False,
+                 compression: str = DEFAULT_COMPRESSION):
+        self._open(Path(final_path), shard_attrs(attrs, context_dtype, store_face_crops), compression)
+
+    @classmethod
+    def repacking(cls, final_path, stored_attrs: dict, compression: str) -> "ShardWriter":
+        """A writer for a copy of an existing shard, keeping its attributes as they are.
+
+        `created` and `project_version` included: they describe the extraction, which a
+        copy with other compression does not redo. Clips are checked as in any writer.
+        """
+        if (stored_attrs.get("format"), stored_attrs.get("format_version")) != (FORMAT, FORMAT_VERSION):
+            raise ValueError(f"not the attributes of a {FORMAT} version {FORMAT_VERSION} shard")
+        writer = cls.__new__(cls)
+        writer._open(Path(final_path), dict(stored_attrs), compression)
+        return writer
+
+    def _open(self, path: Path, attrs: dict, compression: str) -> None:
+        self.path = path
         if not is_shard_name(self.path.name):
             raise ValueError(f"shard file names end in .h5 and do not start with '.': {self.path}")
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists; complete shards are never rewritten (delete it to redo it)")
-        self.attrs = shard_attrs(attrs, context_dtype, store_face_crops)
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+        self.attrs = attrs
         self._classes = set(self.attrs["classes"])
         self._specs = shard_frame_arrays(self.attrs)
         self._table = {column: [] for column in CLIP_COLUMNS}
@@ -127,7 +147,7 @@ class ShardWriter:
                     maxshape=(None, *tail),
                     dtype=dtype,
                     chunks=(chunk_frames(dtype, tail), *tail),
-                    **COMPRESSION,
+                    **COMPRESSIONS[compression],
                 )
                 for name, (dtype, tail) in self._specs.items()
             }

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import torch
 
 from features import ClipFeatures, FeatureFileError, ShardWriter, comparable, open_features, write_index
 from features.labels import CHEAVD_CLASSES
-from features.schema import FRAME_ARRAY_NAMES, INDEX_NAME, shard_name
-from features.tools import WARNING, inspect, merge, validate
+from features.schema import COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, shard_name
+from features.tools import WARNING, inspect, merge, repack, validate
 from tests.feature_files import extractor_attrs as shared_extractor_attrs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +110,21 @@ def test_round_trip_of_three_shards_reads_back_exact_arrays(tmp_path):
         assert one_shard.clip_ids == ["b1"]
         assert_same_clip(one_shard["b1"], shards[1][0])
     assert validate(tmp_path) == []
+
+
+def test_reading_some_arrays_gives_exactly_those_of_the_full_read(tmp_path):
+    three_shards(tmp_path)
+    chosen = ("face", "context", "has_face")
+    with open_features(tmp_path) as features:
+        for clip_id in features.clip_ids:
+            full, some = features[clip_id], features.read(clip_id, arrays=chosen)
+            assert set(some) == set(chosen) | {"clip_id", "label", "source_path", "source_fps", "duration"}
+            for name in chosen:
+                assert some[name].dtype == full[name].dtype
+                np.testing.assert_array_equal(some[name], full[name])
+            assert all(some[key] == full[key] for key in ("clip_id", "label", "source_path", "source_fps", "duration"))
+        with pytest.raises(KeyError, match="face_crop"):
+            features.read("a1", arrays=("face", "face_crop"))
 
 
 def test_context_can_be_stored_as_float32(tmp_path):
@@ -436,3 +452,83 @@ def test_the_writer_refuses_incomplete_attrs_and_existing_shards(tmp_path):
     with pytest.raises(FileExistsError):
         ShardWriter(tmp_path / shard_name(0), extractor_attrs())
     assert [p.name for p in tmp_path.iterdir()] == [shard_name(0)]
+
+
+def stored_bytes(dataset: h5py.Dataset) -> bytes:
+    """The values' bytes (NaN payloads included); variable-length strings as their UTF-8 text."""
+    if h5py.check_string_dtype(dataset.dtype):
+        return "\0".join(dataset.asstr()[()]).encode()
+    return dataset[()].tobytes()
+
+
+def stored_shards(folder: Path) -> list[dict]:
+    """Each shard of a folder as stored: attributes, clip table, and every dataset's bytes and filters."""
+    shards = []
+    for path in sorted(folder.glob("*.h5")):
+        with h5py.File(path, "r") as handle:
+            datasets = {f"{group}/{name}": handle[group][name] for group in ("frames", "clips") for name in handle[group]}
+            shards.append({
+                "attrs": dict(handle.attrs),
+                "bytes": {name: stored_bytes(dataset) for name, dataset in datasets.items()},
+                "filters": {(d.compression, d.compression_opts, d.shuffle) for d in handle["frames"].values()},
+            })
+    return shards
+
+
+def test_repack_to_none_and_back_to_gzip_keeps_every_byte_attribute_and_clip(tmp_path):
+    three_shards(tmp_path / "gzip")
+    for source, out, compression in (("gzip", "none", "none"), ("none", "gzip-again", "gzip"), ("gzip-again", "none-again", "none")):
+        assert repack(tmp_path / source, tmp_path / out, compression) == tmp_path / out / INDEX_NAME
+        assert validate(tmp_path / out) == []
+    original, uncompressed = stored_shards(tmp_path / "gzip"), stored_shards(tmp_path / "none")
+    for copy in ("none", "gzip-again", "none-again"):
+        shards = stored_shards(tmp_path / copy)
+        assert [(s["attrs"], s["bytes"]) for s in shards] == [(s["attrs"], s["bytes"]) for s in original]  # `created` too
+    assert {f for s in original for f in s["filters"]} == {("gzip", 4, True)}
+    assert {f for s in uncompressed for f in s["filters"]} == {(None, None, False)}
+    assert [s["filters"] for s in stored_shards(tmp_path / "gzip-again")] == [s["filters"] for s in original]
+    with open_features(tmp_path / "gzip") as before, open_features(tmp_path / "none-again") as after:
+        assert after.clip_ids == before.clip_ids and after.attrs == before.attrs
+        assert [s.table for s in after.shards] == [s.table for s in before.shards]
+    assert "compression   none\n" in inspect(tmp_path / "none") and "compression   gzip\n" in inspect(tmp_path / "gzip")
+
+
+def test_repack_copies_a_merged_set_resumes_and_refuses_foreign_shards(tmp_path):
+    write_shard(tmp_path / "machine-a", 0, [make_clip("a1", 3, seed=1), make_clip("a2", 5, seed=2)])
+    write_shard(tmp_path / "machine-a", 1, [make_clip("a3", 2, seed=3)])
+    write_shard(tmp_path / "machine-b", 0, [make_clip("b1", 4, "", seed=4)])  # same file name as machine-a's first
+    merge([tmp_path / "machine-a", tmp_path / "machine-b"], tmp_path / "all")
+    out = tmp_path / "copy"
+    repack(tmp_path / "all", out, "none")
+    with open_features(tmp_path / "all") as merged, open_features(out) as copy:
+        assert copy.clip_ids == merged.clip_ids == ["a1", "a2", "a3", "b1"]
+        assert_same_clip(copy["b1"], make_clip("b1", 4, "", seed=4))
+    kept = (out / shard_name(0)).stat().st_mtime_ns
+    (out / shard_name(2)).unlink()  # as if the last shard had not been written when the repack was stopped
+    repack(tmp_path / "all", out, "none")
+    assert (out / shard_name(0)).stat().st_mtime_ns == kept and validate(out) == []
+    with pytest.raises(FeatureFileError, match=f"{out / shard_name(0)}: exists and is not .* repacked with gzip"):
+        repack(tmp_path / "all", out, "gzip")
+    foreign = tmp_path / "fresh" / "other.h5"
+    foreign.parent.mkdir()
+    shutil.copy(tmp_path / "machine-a" / shard_name(1), foreign)
+    with pytest.raises(FeatureFileError, match=f"{foreign}: not a shard of this repack"):
+        repack(tmp_path / "machine-b", foreign.parent, "none")
+
+
+def test_features_repack_runs_from_the_command_line(tmp_path):
+    three_shards(tmp_path / "gzip")
+    command = [sys.executable, "cli.py", "features", "repack", str(tmp_path / "gzip"), "--out", str(tmp_path / "none")]
+    done = subprocess.run([*command, "--compression", "none"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote {tmp_path / 'none' / INDEX_NAME}"
+    done = subprocess.run([*command, "--compression", "gzip"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path / 'none' / shard_name(0)}: exists and is not" in done.stderr
+
+
+def test_the_command_line_offers_exactly_the_schemas_compressions():
+    import cli
+
+    option = next(p for p in cli.features_repack.params if p.name == "compression")
+    assert sorted(option.type.choices) == sorted(COMPRESSIONS)

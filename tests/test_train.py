@@ -17,7 +17,8 @@ from sklearn.metrics import average_precision_score
 from features import ShardWriter, open_features, write_index
 from features.schema import shard_name
 from train.compare import run_compare
-from train.data import ClipSteps, collate, in_memory_bytes, paired_steps, should_preload
+from features.tools import inspect, merge, repack
+from train.data import ClipDataset, ClipSteps, collate, in_memory_bytes, make_loader, paired_steps, should_preload
 from train.config import TrainConfig
 from train.loop import TrainError, class_weights, evaluate_run, load_run, train_model
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
@@ -183,3 +184,28 @@ def test_preloading_is_automatic_when_the_split_fits_in_memory(both_signal):
         assert should_preload(features, "auto") and should_preload(features, "always")
         assert not should_preload(features, "never")
         assert in_memory_bytes(features) == features.n_frames * (64 * 2 + 128 * 4)
+
+
+def test_gzip_and_uncompressed_shards_give_identical_batches(both_signal, tmp_path):
+    repack(both_signal / "train", tmp_path / "train", "none")
+    batches = {}
+    for name, folder in (("gzip", both_signal / "train"), ("none", tmp_path / "train")):
+        with open_features(folder) as features:
+            dataset = ClipDataset(features, list(features.attrs["classes"]), train=True, with_face_maps=True)
+            assert dataset.arrays == ("face", "context", "has_face", "face_map")
+            torch.manual_seed(0)  # each clip's random start (training augmentation) is drawn from it
+            batches[name] = list(make_loader(dataset, batch_size=16, num_workers=0, seed=3, shuffle=True))
+    assert len(batches["gzip"]) == len(batches["none"]) > 1
+    for gzip_batch, none_batch in zip(batches["gzip"], batches["none"]):
+        assert gzip_batch["clip_id"] == none_batch["clip_id"]
+        for key in ("face", "context", "face_map", "mask", "label"):
+            assert torch.equal(gzip_batch[key], none_batch[key]), key
+
+
+def test_an_uncompressed_and_a_gzip_part_merge_and_train_together(tmp_path):
+    root = write_planted_set(tmp_path / "parts", "face", {"part-a": 64, "part-b": 64, "val": 32})
+    repack(root / "part-b", tmp_path / "part-b-none", "none")
+    merge([root / "part-a", tmp_path / "part-b-none"], root / "train")
+    assert "gzip in 1 of 2 shards, none in 1 of 2 shards" in inspect(root / "train")
+    config = TrainConfig(model="face", features=root, out=tmp_path / "run", preload="never", **FAST)
+    assert train_model(config, progress=False, log=lambda line: None).accuracy > 0.9

@@ -29,6 +29,10 @@ from features.schema import FACE_DIM, FACE_MAP_SHAPE
 
 UNLABELLED = -1
 
+# The per-frame arrays a model's steps are built from; the rest of a clip (boxes, landmarks,
+# timestamps, scores) is never read in training, which saves a read per array and clip.
+STEP_ARRAYS = ("face", "context", "has_face")
+
 
 # "auto" preloads a split whose arrays take at most this share of the memory available now.
 PRELOAD_MEMORY_SHARE = 0.5
@@ -83,6 +87,7 @@ class ClipDataset(Dataset):
                  with_face_maps: bool = False):
         self.features = features
         self.with_face_maps = with_face_maps
+        self.arrays = (*STEP_ARRAYS, "face_map") if with_face_maps else STEP_ARRAYS
         self.clip_ids = list(features.clip_ids)
         index = {name: i for i, name in enumerate(classes)}
         self.labels = [UNLABELLED if features.labels[c] is None else index[features.labels[c]] for c in self.clip_ids]
@@ -93,7 +98,8 @@ class ClipDataset(Dataset):
         return len(self.clip_ids)
 
     def _read(self, i: int) -> ClipSteps:
-        return clip_steps(self.clip_ids[i], self.features[self.clip_ids[i]], self.labels[i], self.with_face_maps)
+        clip = self.features.read(self.clip_ids[i], self.arrays)
+        return clip_steps(self.clip_ids[i], clip, self.labels[i], self.with_face_maps)
 
     def __getitem__(self, i: int) -> ClipSteps:
         steps = self.cache[i] if self.cache is not None else self._read(i)
@@ -109,28 +115,28 @@ def collate(items: list[ClipSteps]) -> dict:
     """Left-aligned padding to the longest clip; `mask` is True on real steps; "face_map" when the items have them."""
     lengths = torch.tensor([len(item.face) for item in items])
     steps = int(lengths.max())
-    face = torch.zeros(len(items), steps, items[0].face.shape[1])
-    context = torch.zeros(len(items), steps, items[0].context.shape[1])
-    for row, item in enumerate(items):
-        face[row, : len(item.face)] = torch.from_numpy(item.face)
-        context[row, : len(item.context)] = torch.from_numpy(item.context.astype(np.float32, copy=False))
     batch = {
-        "face": face,
-        "context": context,
+        "face": padded([item.face for item in items], steps),
+        "context": padded([item.context for item in items], steps),
         "mask": torch.arange(steps)[None, :] < lengths[:, None],
         "label": torch.tensor([item.label for item in items]),
         "clip_id": [item.clip_id for item in items],
     }
     if items[0].face_map is not None:
-        batch["face_map"] = padded_face_maps(items, steps)
+        batch["face_map"] = padded([item.face_map for item in items], steps)
     return batch
 
 
-def padded_face_maps(items: list[ClipSteps], steps: int) -> torch.Tensor:
-    face_map = torch.zeros(len(items), steps, *FACE_MAP_SHAPE)
-    for row, item in enumerate(items):
-        face_map[row, : len(item.face_map)] = torch.from_numpy(item.face_map.astype(np.float32))
-    return face_map
+def padded(arrays: list[np.ndarray], steps: int) -> torch.Tensor:
+    """float32 (clips, steps, ...): each clip's rows first, zeros after.
+
+    Assigning float16 rows into the float32 array converts them in the copy itself; a
+    separate astype would be one more pass over the batch's largest array.
+    """
+    out = np.zeros((len(arrays), steps, *arrays[0].shape[1:]), np.float32)
+    for row, array in enumerate(arrays):
+        out[row, : len(array)] = array
+    return torch.from_numpy(out)
 
 
 def make_loader(
