@@ -278,12 +278,12 @@ class RetinaFaceDetector:
         boxes = decode_boxes(offsets[frame, anchor].float(), priors) * scale.repeat(2)
         landmarks = decode_landmarks(landmark_offsets[frame, anchor].float(), priors) * scale
         scores = margin[frame, anchor].sigmoid()
-        kept = torchvision.ops.batched_nms(boxes, scores, frame, self.nms_threshold)  # best first
-        return per_frame(n, frame[kept], boxes[kept], scores[kept], landmarks[kept])
+        return [self._suppressed(frame == i, boxes, scores, landmarks) for i in range(n)]
 
-
-def per_frame(n: int, frame: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
-              landmarks: torch.Tensor) -> list[FaceDetections]:
-    """Detections of a batch (each row with its frame's index, best first) split by frame, order kept."""
-    frame, boxes, scores, landmarks = (t.cpu().numpy() for t in (frame, boxes, scores, landmarks))
-    return [FaceDetections(boxes[frame == i], scores[frame == i], landmarks[frame == i]) for i in range(n)]
+    def _suppressed(self, mine: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                    landmarks: torch.Tensor) -> FaceDetections:
+        """One frame's faces after NMS, best first. Frame by frame, not torchvision's batched_nms,
+        whose offsets by frame number would make a box's fate depend on its frame's place in the call."""
+        rows = torch.nonzero(mine).flatten()
+        kept = rows[torchvision.ops.nms(boxes[rows], scores[rows], self.nms_threshold)]
+        return FaceDetections(boxes[kept].cpu().numpy(), scores[kept].cpu().numpy(), landmarks[kept].cpu().numpy())
