@@ -370,6 +370,8 @@ def features_merge(folders, out):
     from features import tools as feature_tools
 
     click.echo(f"wrote {feature_tools.merge(list(folders), out)}")
+    for failures, clips in feature_tools.recorded_failures(out).items():
+        click.echo(f"note: {clips} clips of this set failed to extract; {failures} lists them")
 
 
 @features_group.command(name="repack")

@@ -47,14 +47,13 @@ from extract.settings import (
 from extract.video import VideoError, VideoInfo, header_duration, probe, sample_frames
 from features import ClipFeatures, ShardWriter, open_features
 from features.labels import CHEAVD_CLASSES
-from features.layout import DEFAULT_ROOT
+from features.layout import DEFAULT_ROOT, FAILURES_FILE
 from features.reader import write_index
 from features.writer import LOCKS_REFUSED, shard_attrs
 from features.schema import comparable, shard_files, shard_name, temp_files
 from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, read_manifest
 
 logger = logging.getLogger(__name__)
-FAILURES_FILE = "failures.csv"
 LOCK_FILE = ".extract.lock"
 # Windows of sampled frames the decoder may run ahead of the networks: enough to keep both
 # busy, few enough that memory stays flat (a window is --batch-size frames).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections import Counter
@@ -11,6 +12,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from features.layout import FAILURES_FILE
 from features.reader import (
     FeatureSet,
     ShardInfo,
@@ -66,6 +68,7 @@ def inspect(path) -> str:
             f"context       {attrs['context_dim']}-d {attrs['context_dtype']}",
             f"compression   {compression_summary(features.shards)}",
             f"on disk       {size / 1e6:.1f} MB, {size / max(frames, 1):.0f} bytes per frame",
+            f"failed clips  {failures_summary(path)}",
             "attributes:",
             *(f"  {key}: {describe(attrs[key])}" for key in sorted(attrs)),
         ]
@@ -101,6 +104,33 @@ def compression_summary(shards: list[ShardInfo]) -> str:
     if len(counts) == 1:
         return next(iter(counts))
     return ", ".join(f"{name} in {count} of {len(shards)} shards" for name, count in sorted(counts.items()))
+
+
+def recorded_failures(path) -> dict[Path, int]:
+    """Failures file -> clips it lists, for each folder of a set (a merged folder stands for its
+    parts) where the extractor recorded clips it could not extract."""
+    path = absolute(path)
+    if not path.is_dir():
+        return {}
+    counts = {folder / FAILURES_FILE: failure_rows(folder / FAILURES_FILE) for folder in source_folders(path)}
+    return {file: rows for file, rows in counts.items() if rows}
+
+
+def failure_rows(file: Path) -> int:
+    if not file.is_file():
+        return 0
+    with open(file, newline="", encoding="utf-8") as rows:
+        return sum(1 for _ in csv.DictReader(rows))
+
+
+def failures_summary(path) -> str:
+    if not absolute(path).is_dir():
+        return "(see the failures.csv of the shard's folder)"
+    failures = recorded_failures(path)
+    if not failures:
+        return "none recorded"
+    listed = ", ".join(f"{count} in {file}" for file, count in failures.items())
+    return f"{sum(failures.values())} ({listed})"
 
 
 def label_summary(labels: dict, classes: list[str]) -> str:

@@ -23,7 +23,7 @@ import cli as cli_module
 from extract import pipeline
 from extract.pipeline import ExtractError, ExtractSettings, balanced_parts, check_options, clip_durations, extract_split
 from features import open_features
-from features.tools import merge, validate
+from features.tools import inspect, merge, recorded_failures, validate
 from manifests.builders import build_folder
 from manifests.manifest import ClipEntry, read_manifest, write_manifest
 from tests.media import moving_face, photo, write_clip
@@ -94,8 +94,14 @@ def failed_ids(folder: Path) -> set[str]:
         return {row["clip_id"] for row in csv.DictReader(f)}
 
 
+# Processes with other torch threads or other frames in a call round differently: boxes then
+# move by about 1e-4 px, which can turn a pixel of a uint8 face crop by one level, and that
+# moves the face CNN's maps by up to about 0.005 (measured: 0.0044 in the Dask run).
+FACE_STREAM_ATOL = 1e-2
+
+
 def assert_same_features(result: dict, reference: dict) -> None:
-    """Same clips, labels, masks and times; features within float rounding."""
+    """Same clips, labels, masks and times; boxes and features within float rounding."""
     assert sorted(result) == sorted(reference)
     for clip_id, arrays in reference.items():
         assert result[clip_id]["label"] == arrays["label"]
@@ -105,7 +111,8 @@ def assert_same_features(result: dict, reference: dict) -> None:
             if value.dtype == bool or name == "timestamps":
                 np.testing.assert_array_equal(result[clip_id][name], value, err_msg=f"{clip_id} {name}")
             else:
-                np.testing.assert_allclose(result[clip_id][name], value, rtol=1e-3, atol=2e-3, err_msg=f"{clip_id} {name}")
+                atol = FACE_STREAM_ATOL if name in ("face", "face_map") else 2e-3
+                np.testing.assert_allclose(result[clip_id][name], value, rtol=1e-3, atol=atol, err_msg=f"{clip_id} {name}")
 
 
 def test_parts_are_balanced_by_duration_not_count():
@@ -164,6 +171,9 @@ def test_three_parts_merged_equal_one_machine(dataset, single):
 
     merge(parts, out / "train")
     assert validate(out / "train") == []
+    failures = next(part / "failures.csv" for part in parts if failed_ids(part))
+    assert recorded_failures(out / "train") == {failures: 1}
+    assert f"failed clips  1 (1 in {failures})" in inspect(out / "train")
     # Bitwise equal on this machine, but the CNN batches group other frames than in the
     # single run, which a CPU library may round differently: the tolerance of the other tests.
     assert_same_features(read_all(out / "train"), read_all(single))
