@@ -278,6 +278,8 @@ class RetinaFaceDetector:
         boxes = decode_boxes(offsets[frame, anchor].float(), priors) * scale.repeat(2)
         landmarks = decode_landmarks(landmark_offsets[frame, anchor].float(), priors) * scale
         scores = margin[frame, anchor].sigmoid()
+        # The few candidates come to the host once per call, not once per frame and array.
+        frame, boxes, scores, landmarks = (t.cpu() for t in (frame, boxes, scores, landmarks))
         return [self._suppressed(frame == i, boxes, scores, landmarks) for i in range(n)]
 
     def _suppressed(self, mine: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
@@ -286,4 +288,4 @@ class RetinaFaceDetector:
         whose offsets by frame number would make a box's fate depend on its frame's place in the call."""
         rows = torch.nonzero(mine).flatten()
         kept = rows[torchvision.ops.nms(boxes[rows], scores[rows], self.nms_threshold)]
-        return FaceDetections(boxes[kept].cpu().numpy(), scores[kept].cpu().numpy(), landmarks[kept].cpu().numpy())
+        return FaceDetections(boxes[kept].numpy(), scores[kept].numpy(), landmarks[kept].numpy())

@@ -55,7 +55,8 @@ def inspect(path) -> str:
     """A human summary: shards, clips, frames and faces, labels, context, size on disk, attributes."""
     with open_features(path) as features:
         frames = features.n_frames
-        with_face = sum(frames_with_face(shard) for shard in features.shards)
+        with_faces, compressions = zip(*(stored_facts(shard) for shard in features.shards))
+        with_face = sum(with_faces)
         size = sum(shard.size for shard in features.shards)
         attrs = features.attrs
         per_shard = sorted({key for shard in features.shards for key in shard.attrs} - set(attrs))
@@ -66,7 +67,7 @@ def inspect(path) -> str:
             f"frames        {frames}, {with_face} with a face ({100 * with_face / max(frames, 1):.1f}%)",
             f"labels        {label_summary(features.labels, attrs['classes'])}",
             f"context       {attrs['context_dim']}-d {attrs['context_dtype']}",
-            f"compression   {compression_summary(features.shards)}",
+            f"compression   {compression_summary(list(compressions))}",
             f"on disk       {size / 1e6:.1f} MB, {size / max(frames, 1):.0f} bytes per frame",
             f"failed clips  {failures_summary(path)}",
             "attributes:",
@@ -81,29 +82,23 @@ def describe(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def frames_with_face(shard: ShardInfo) -> int:
+def stored_facts(shard: ShardInfo) -> tuple[int, str]:
+    """A shard's frames with a face and how its per-frame arrays are stored (the writer gives all
+    of them the same filters), from one opening of the file."""
     with open_shard(shard.path) as handle:
         try:
-            return int(np.count_nonzero(handle[f"{FRAMES}/has_face"][()]))
+            with_face = int(np.count_nonzero(handle[f"{FRAMES}/has_face"][()]))
+            return with_face, compression_of(handle[f"{FRAMES}/context"])
         except (KeyError, OSError) as exc:
-            raise FeatureFileError(f"{shard.path}: has_face unreadable ({exc}); run `features validate`") from exc
+            raise FeatureFileError(f"{shard.path}: per-frame arrays unreadable ({exc}); run `features validate`") from exc
 
 
-def shard_compression(path: Path) -> str:
-    """How a shard's per-frame arrays are stored (the writer gives all of them the same filters)."""
-    with open_shard(path) as handle:
-        try:
-            return compression_of(handle[f"{FRAMES}/context"])
-        except KeyError as exc:
-            raise FeatureFileError(f"{path}: /{FRAMES}/context missing ({exc}); run `features validate`") from exc
-
-
-def compression_summary(shards: list[ShardInfo]) -> str:
+def compression_summary(compressions: list[str]) -> str:
     """The set's compression, or how many shards of each kind when it mixes them (a merged repacked part)."""
-    counts = Counter(shard_compression(shard.path) for shard in shards)
+    counts = Counter(compressions)
     if len(counts) == 1:
         return next(iter(counts))
-    return ", ".join(f"{name} in {count} of {len(shards)} shards" for name, count in sorted(counts.items()))
+    return ", ".join(f"{name} in {count} of {len(compressions)} shards" for name, count in sorted(counts.items()))
 
 
 def recorded_failures(path) -> dict[Path, int]:
@@ -359,7 +354,7 @@ def finished_copies(out: Path, plan: dict[Path, ShardInfo], compression: str) ->
 
 def is_copy(path: Path, source: ShardInfo, compression: str) -> bool:
     copy = read_shard_info(path)
-    return (copy.attrs, copy.table) == (source.attrs, source.table) and shard_compression(path) == compression
+    return (copy.attrs, copy.table) == (source.attrs, source.table) and stored_facts(copy)[1] == compression
 
 
 def repack_shard(features: FeatureSet, shard: ShardInfo, target: Path, compression: str, bar: tqdm) -> None:
