@@ -52,13 +52,13 @@ def epoch(model_name: str, folder: Path, preload: bool, workers: int, batch_size
         classes = list(features.attrs["classes"])
         model = build_model(model_name, int(features.attrs["context_dim"]), len(classes))
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
-        train = ClipDataset(features, classes, train=True, preload=preload, with_face_maps=model.needs_face_maps)
+        train = ClipDataset(features, classes, train=True, inputs=model.inputs, preload=preload)
         loader = make_loader(train, batch_size, workers, 0, shuffle=True)
         start = time.perf_counter()
         with tqdm(total=len(loader), disable=True) as bar:
             _, waiting = _train_epoch(model, loader, optimiser, torch.nn.CrossEntropyLoss(), torch.device("cpu"), bar)
         total = time.perf_counter() - start
-        evaluation = ClipDataset(features, classes, train=False, preload=preload, with_face_maps=model.needs_face_maps)
+        evaluation = ClipDataset(features, classes, train=False, inputs=model.inputs, preload=preload)
         start = time.perf_counter()
         predict(model, make_loader(evaluation, 64, workers, 0, False), torch.device("cpu"))
         return total, waiting, time.perf_counter() - start

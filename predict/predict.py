@@ -30,7 +30,7 @@ from features.writer import shard_attrs
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
 from manifests.manifest import ClipEntry, read_manifest
 from predict.explain import explain_clip, thumbnails
-from train.data import UNLABELLED, clip_steps, collate, paired_steps
+from train.data import UNLABELLED, clip_steps, collate, step_frames_mask
 from train.loop import COMPLETE_MARK, load_run, model_inputs
 from train.metrics import PROBABILITY_PREFIX, write_atomically
 from train.models import CascadeAttentionRNN
@@ -168,9 +168,7 @@ def check_unique_ids(entries: list[ClipEntry]) -> None:
 
 def step_frames(has_face: np.ndarray) -> np.ndarray:
     """Which sampled frames became the model's steps: the training policy applied to frame numbers."""
-    numbers = np.arange(len(has_face))
-    frames, _ = paired_steps({"has_face": has_face, "face": numbers, "context": numbers})
-    return frames
+    return np.flatnonzero(step_frames_mask(has_face))
 
 
 @torch.inference_mode()
@@ -179,7 +177,7 @@ def classify(model: nn.Module, clip: ClipFeatures, context_dtype: str) -> tuple[
     stored = {"has_face": clip.has_face, "face": clip.face, "context": clip.context.astype(context_dtype),
               # Stored maps are float16; rounding the same way keeps predictions equal to `evaluate`'s.
               "face_map": clip.face_map.astype(np.float16)}
-    batch = collate([clip_steps(clip.clip_id, stored, UNLABELLED, model.needs_face_maps)])
+    batch = collate([clip_steps(clip.clip_id, stored, UNLABELLED, model.inputs)])
     inputs = model_inputs(batch, next(model.parameters()).device)
     attention = None
     if isinstance(model, CascadeAttentionRNN):

@@ -59,9 +59,9 @@ def test_c3d_padding_gives_the_same_logits_as_the_clip_alone(motion, runs):
     assert len(short["face"]) < len(long["face"])
 
     def logits(*items):
-        batch = collate([clip_steps(f"c{i}", clip, 0, with_face_maps=True) for i, clip in enumerate(items)])
+        batch = collate([clip_steps(f"c{i}", clip, 0, ("face_map",)) for i, clip in enumerate(items)])
         with torch.inference_mode():
-            return model(batch["face"], batch["context"], batch["mask"], face_map=batch["face_map"])[0]
+            return model(None, None, batch["mask"], face_map=batch["face_map"])[0]
 
     torch.testing.assert_close(logits(short, long), logits(short), atol=1e-5, rtol=0)
 
@@ -100,6 +100,8 @@ def test_evaluate_takes_an_ensemble_like_a_run(ensemble):
     metrics = json.loads((ensemble / "eval-val" / "metrics.json").read_text())
     fitted = json.loads((ensemble / "ensemble.json").read_text())["ensemble_scores"]
     assert metrics["map"] == pytest.approx(fitted["map"], abs=1e-6)
+    model, _ = load_run(ensemble, torch.device("cpu"))
+    assert model.inputs == ("face", "context", "face_map")  # caca's and c3d's, read once each
 
 
 def test_compare_with_caca_and_c3d_adds_table_ii(motion, tmp_path):

@@ -142,6 +142,20 @@ def test_build_model_names_the_known_models_and_resolves_aliases():
     assert type(caca_a) is type(model("caca")) and caca_a.first_stream == "context"
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_model_reads_exactly_the_inputs_it_declares(name):
+    net = model(name).eval()
+    assert net.inputs == {"face": ("face",), "context": ("context",)}.get(name, ("face", "context"))
+    face, context, mask = padded_batch([3, 2])
+    given = {"face": face, "context": context}
+    with torch.no_grad():
+        declared_only = net(*(given[s] if s in net.inputs else None for s in given), mask)
+        torch.testing.assert_close(declared_only, net(face, context, mask), rtol=0, atol=0)
+        for missing in net.inputs:
+            with pytest.raises(ValueError, match=f"{missing} must be"):
+                net(*(None if s == missing else given[s] for s in given), mask)
+
+
 def test_wrong_inputs_are_refused_loudly():
     face, context, mask = padded_batch([3, 2])
     with pytest.raises(ValueError, match="no attention"):

@@ -15,10 +15,11 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from features import ShardWriter, open_features, write_index
+from features.reader import FeatureSet
 from features.schema import shard_name
 from train.compare import run_compare
 from features.tools import inspect, merge, repack
-from train.data import ClipDataset, ClipSteps, collate, in_memory_bytes, make_loader, paired_steps, should_preload
+from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, should_preload
 from train.config import TrainConfig
 from train.loop import TrainError, class_weights, evaluate_run, load_run, train_model
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
@@ -84,7 +85,7 @@ def test_faceless_frames_and_padding_do_not_change_a_prediction(both_signal, cac
         clip, other = (features[i] for i in features.clip_ids[:2])
 
     def logits(*clips):
-        batch = collate([ClipSteps(f"c{i}", *paired_steps(c), 0) for i, c in enumerate(clips)])
+        batch = collate([clip_steps(f"c{i}", c, 0, model.inputs) for i, c in enumerate(clips)])
         with torch.inference_mode():
             return model(batch["face"], batch["context"], batch["mask"])[0]
 
@@ -181,9 +182,26 @@ def test_training_needs_labelled_splits(both_signal, tmp_path):
 
 def test_preloading_is_automatic_when_the_split_fits_in_memory(both_signal):
     with open_features(both_signal / "train") as features:
-        assert should_preload(features, "auto") and should_preload(features, "always")
-        assert not should_preload(features, "never")
-        assert in_memory_bytes(features) == features.n_frames * (64 * 2 + 128 * 4)
+        assert should_preload(features, "auto", STEP_INPUTS) and should_preload(features, "always", STEP_INPUTS)
+        assert not should_preload(features, "never", ("face",))
+        assert in_memory_bytes(features, ("face", "context")) == features.n_frames * (128 * 4 + 64 * 2)
+        assert in_memory_bytes(features, ("face",)) == features.n_frames * 128 * 4
+        assert in_memory_bytes(features, ("face_map",)) == features.n_frames * 128 * 4 * 4 * 2
+
+
+@pytest.mark.parametrize("model", ["face", "context", "caca", "c3d"])
+def test_a_model_trains_on_only_the_arrays_it_reads(both_signal, tmp_path, monkeypatch, model):
+    read = set()
+    original = FeatureSet.read
+
+    def recording(self, clip_id, arrays=None):
+        read.update(arrays)
+        return original(self, clip_id, arrays)
+
+    monkeypatch.setattr(FeatureSet, "read", recording)
+    config = TrainConfig(model=model, features=both_signal, out=tmp_path / "run", preload="never", epochs=1)
+    train_model(config, progress=False, log=lambda line: None)
+    assert read == {"has_face", *{"face": ["face"], "context": ["context"], "c3d": ["face_map"]}.get(model, ["face", "context"])}
 
 
 def test_gzip_and_uncompressed_shards_give_identical_batches(both_signal, tmp_path):
@@ -191,8 +209,8 @@ def test_gzip_and_uncompressed_shards_give_identical_batches(both_signal, tmp_pa
     batches = {}
     for name, folder in (("gzip", both_signal / "train"), ("none", tmp_path / "train")):
         with open_features(folder) as features:
-            dataset = ClipDataset(features, list(features.attrs["classes"]), train=True, with_face_maps=True)
-            assert dataset.arrays == ("face", "context", "has_face", "face_map")
+            dataset = ClipDataset(features, list(features.attrs["classes"]), train=True, inputs=STEP_INPUTS)
+            assert dataset.arrays == ("has_face", "face", "context", "face_map")
             torch.manual_seed(0)  # each clip's random start (training augmentation) is drawn from it
             batches[name] = list(make_loader(dataset, batch_size=16, num_workers=0, seed=3, shuffle=True))
     assert len(batches["gzip"]) == len(batches["none"]) > 1

@@ -10,9 +10,10 @@ changes nothing, and every clip of a split is scored.
 Augmentation, as the paper: in training each clip starts at a random step among the first
 half of its steps (so at least half of it remains); in evaluation it starts at the first.
 
-Face maps (128x4x4 per frame, for `c3d`) are read only for models that declare
-`needs_face_maps`: they take 8x the memory of the face features. They follow the same steps
-as the face stream.
+Each model declares the per-frame inputs it reads (`model.inputs`, a subset of
+`STEP_INPUTS`), and only those are read from the shards, with `has_face` to choose the steps:
+Face-RNN never reads the context features, `c3d` reads only the face maps (128x4x4 per
+frame, 8x the memory of the face features). Every input follows the same steps.
 """
 
 from __future__ import annotations
@@ -25,32 +26,33 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from features.reader import FeatureSet
-from features.schema import FACE_DIM, FACE_MAP_SHAPE
+from features.schema import shard_frame_arrays
 
 UNLABELLED = -1
 
-# The per-frame arrays a model's steps are built from; the rest of a clip (boxes, landmarks,
-# timestamps, scores) is never read in training, which saves a read per array and clip.
-STEP_ARRAYS = ("face", "context", "has_face")
+# The per-frame arrays a model can take as steps, in the order models take them:
+# `model(face, context, mask, face_map)`. The rest of a clip (boxes, landmarks, timestamps,
+# scores) is never read in training, which saves a read per array and clip.
+STEP_INPUTS = ("face", "context", "face_map")
 
 
 # "auto" preloads a split whose arrays take at most this share of the memory available now.
 PRELOAD_MEMORY_SHARE = 0.5
 
 
-def in_memory_bytes(features: FeatureSet, with_face_maps: bool = False) -> int:
-    """What preloading the face and context arrays (and face maps) of every frame would take."""
-    context_bytes = int(features.attrs["context_dim"]) * (2 if features.attrs["context_dtype"] == "float16" else 4)
-    face_map_bytes = int(np.prod(FACE_MAP_SHAPE)) * 2 if with_face_maps else 0
-    return features.n_frames * (context_bytes + FACE_DIM * 4 + face_map_bytes)
+def in_memory_bytes(features: FeatureSet, inputs: tuple[str, ...]) -> int:
+    """What preloading `inputs` of every frame would take (face float32, context and maps as stored)."""
+    arrays = shard_frame_arrays(features.attrs)
+    per_frame = sum(arrays[name][0].itemsize * int(np.prod(arrays[name][1])) for name in inputs)
+    return features.n_frames * per_frame
 
 
-def should_preload(features: FeatureSet, choice: str, with_face_maps: bool = False) -> bool:
+def should_preload(features: FeatureSet, choice: str, inputs: tuple[str, ...]) -> bool:
     """Preloading removes reading and decompression from every epoch; "auto" does it when it fits."""
     if choice != "auto":
         return choice == "always"
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return in_memory_bytes(features, with_face_maps) <= PRELOAD_MEMORY_SHARE * available
+    return in_memory_bytes(features, inputs) <= PRELOAD_MEMORY_SHARE * available
 
 
 def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
@@ -58,36 +60,36 @@ def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
     return has_face if has_face.any() else np.ones(len(has_face), bool)
 
 
-def paired_steps(clip: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The clip's (face, context) steps under the faceless-frame policy above."""
-    keep = step_frames_mask(clip["has_face"])
-    return clip["face"][keep], clip["context"][keep]
-
-
 @dataclass
 class ClipSteps:
     clip_id: str
-    face: np.ndarray  # (T, face_dim) float32
-    context: np.ndarray  # (T, context_dim), float16 or float32 as stored
+    inputs: dict[str, np.ndarray]  # name in STEP_INPUTS -> (T, ...) rows: face float32, context and face_map as stored
     label: int  # index into the classes, UNLABELLED for a clip without label
-    face_map: np.ndarray | None = None  # (T, 128, 4, 4) float16, only for models that need face maps
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def from_step(self, start: int) -> "ClipSteps":
+        return ClipSteps(self.clip_id, {name: rows[start:] for name, rows in self.inputs.items()}, self.label)
 
 
-def clip_steps(clip_id: str, clip: dict, label: int, with_face_maps: bool) -> ClipSteps:
-    """A clip's steps, as every model input is built (training, evaluation, prediction)."""
-    face, context = paired_steps(clip)
-    face_map = clip["face_map"][step_frames_mask(clip["has_face"])] if with_face_maps else None
-    return ClipSteps(clip_id, face, context, label, face_map)
+def clip_steps(clip_id: str, clip: dict, label: int, inputs: tuple[str, ...]) -> ClipSteps:
+    """A clip's steps of `inputs`, as every model input is built (training, evaluation, prediction)."""
+    keep = step_frames_mask(clip["has_face"])
+    return ClipSteps(clip_id, {name: clip[name][keep] for name in inputs}, label)
 
 
 class ClipDataset(Dataset):
     """One item per clip of a feature set; optionally every clip preloaded into memory."""
 
-    def __init__(self, features: FeatureSet, classes: list[str], train: bool, preload: bool = False,
-                 with_face_maps: bool = False):
+    def __init__(self, features: FeatureSet, classes: list[str], train: bool, inputs: tuple[str, ...],
+                 preload: bool = False):
+        unknown = [name for name in inputs if name not in STEP_INPUTS]
+        if not inputs or unknown:
+            raise ValueError(f"inputs must be some of {STEP_INPUTS}, got {inputs}")
         self.features = features
-        self.with_face_maps = with_face_maps
-        self.arrays = (*STEP_ARRAYS, "face_map") if with_face_maps else STEP_ARRAYS
+        self.inputs = inputs
+        self.arrays = ("has_face", *inputs)
         self.clip_ids = list(features.clip_ids)
         index = {name: i for i, name in enumerate(classes)}
         self.labels = [UNLABELLED if features.labels[c] is None else index[features.labels[c]] for c in self.clip_ids]
@@ -99,31 +101,27 @@ class ClipDataset(Dataset):
 
     def _read(self, i: int) -> ClipSteps:
         clip = self.features.read(self.clip_ids[i], self.arrays)
-        return clip_steps(self.clip_ids[i], clip, self.labels[i], self.with_face_maps)
+        return clip_steps(self.clip_ids[i], clip, self.labels[i], self.inputs)
 
     def __getitem__(self, i: int) -> ClipSteps:
         steps = self.cache[i] if self.cache is not None else self._read(i)
         if not self.train:
             return steps
         # torch's generator: seeded per DataLoader worker, so runs repeat exactly.
-        start = int(torch.randint(0, len(steps.face) // 2 + 1, ()).item()) if len(steps.face) > 1 else 0
-        face_map = None if steps.face_map is None else steps.face_map[start:]
-        return ClipSteps(steps.clip_id, steps.face[start:], steps.context[start:], steps.label, face_map)
+        start = int(torch.randint(0, len(steps) // 2 + 1, ()).item()) if len(steps) > 1 else 0
+        return steps.from_step(start)
 
 
 def collate(items: list[ClipSteps]) -> dict:
-    """Left-aligned padding to the longest clip; `mask` is True on real steps; "face_map" when the items have them."""
-    lengths = torch.tensor([len(item.face) for item in items])
+    """Left-aligned padding to the longest clip, one tensor per input the items have; `mask` is True on real steps."""
+    lengths = torch.tensor([len(item) for item in items])
     steps = int(lengths.max())
-    batch = {
-        "face": padded([item.face for item in items], steps),
-        "context": padded([item.context for item in items], steps),
-        "mask": torch.arange(steps)[None, :] < lengths[:, None],
-        "label": torch.tensor([item.label for item in items]),
-        "clip_id": [item.clip_id for item in items],
-    }
-    if items[0].face_map is not None:
-        batch["face_map"] = padded([item.face_map for item in items], steps)
+    batch = {name: padded([item.inputs[name] for item in items], steps) for name in items[0].inputs}
+    batch.update(
+        mask=torch.arange(steps)[None, :] < lengths[:, None],
+        label=torch.tensor([item.label for item in items]),
+        clip_id=[item.clip_id for item in items],
+    )
     return batch
 
 

@@ -31,7 +31,7 @@ from features import open_features
 from features.reader import FeatureSet
 from features.schema import comparable
 from train.config import TrainConfig
-from train.data import UNLABELLED, ClipDataset, make_loader, should_preload
+from train.data import STEP_INPUTS, UNLABELLED, ClipDataset, make_loader, should_preload
 from train.metrics import Metrics, compute_metrics, plot_confusion, write_atomically, write_predictions
 from train.models import WeightedEnsemble, build_model, paper_parameter_count, parameter_counts
 
@@ -82,10 +82,9 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
 
 
 def model_inputs(batch: dict, device: torch.device) -> tuple:
-    """(face, context, mask, face_map) of a collated batch on `device`; face_map None when not loaded."""
-    face_map = batch.get("face_map")
-    return (batch["face"].to(device), batch["context"].to(device), batch["mask"].to(device),
-            None if face_map is None else face_map.to(device))
+    """(face, context, mask, face_map) of a collated batch on `device`; None for the inputs the batch lacks."""
+    face, context, face_map = (batch[name].to(device) if name in batch else None for name in STEP_INPUTS)
+    return face, context, batch["mask"].to(device), face_map
 
 
 @torch.inference_mode()
@@ -146,13 +145,12 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     check_comparable(train_set.attrs, val_set.attrs, f"the {config.val_split} features")
     classes = list(train_set.attrs["classes"])
     model = build_model(config.model, context_dim=int(train_set.attrs["context_dim"]), num_classes=len(classes))
-    maps = model.needs_face_maps
-    train_data = ClipDataset(train_set, classes, train=True, preload=should_preload(train_set, config.preload, maps),
-                             with_face_maps=maps)
+    train_data = ClipDataset(train_set, classes, train=True, inputs=model.inputs,
+                             preload=should_preload(train_set, config.preload, model.inputs))
     if all(label == UNLABELLED for label in train_data.labels):
         raise TrainError(f"the {config.train_split} features have no labels to learn from")
-    val_data = ClipDataset(val_set, classes, train=False, preload=should_preload(val_set, config.preload, maps),
-                           with_face_maps=maps)
+    val_data = ClipDataset(val_set, classes, train=False, inputs=model.inputs,
+                           preload=should_preload(val_set, config.preload, model.inputs))
     if all(label == UNLABELLED for label in val_data.labels):
         raise TrainError(f"the {config.val_split} features have no labels: choose a labelled --val-split")
     logger.info("device %s; %d %s clips and %d %s clips, preloaded: %s / %s", device, len(train_data),
@@ -234,7 +232,7 @@ def split_probabilities(
     root = Path(features or checkpoint["config"]["features"])
     feature_set = open_split(root, split)
     check_comparable(checkpoint["attrs"], feature_set.attrs, f"the {split} features in {root}")
-    dataset = ClipDataset(feature_set, checkpoint["classes"], train=False, with_face_maps=model.needs_face_maps)
+    dataset = ClipDataset(feature_set, checkpoint["classes"], train=False, inputs=model.inputs)
     return predict(model, make_loader(dataset, batch_size, 0, 0, shuffle=False), device)
 
 

@@ -2,10 +2,10 @@
 2D-3D-CNN (`c3d`, section VI) over the per-frame face maps.
 
 Every model is called as `model(face, context, mask, face_map=None)`: `face` (B, T, face_dim),
-`context` (B, T, context_dim), `mask` (B, T) bool, True on each row's valid steps, which come
-first (left-aligned), at least one per row; `face_map` (B, T, 128, 4, 4) for the models whose
-class attribute `needs_face_maps` is True (the RNNs ignore it, `c3d` reads only it). For the
-RNNs, padding never reaches a result: LSTMs run on packed sequences, the cascade's step
+`context` (B, T, context_dim), `face_map` (B, T, 128, 4, 4), `mask` (B, T) bool, True on each
+row's valid steps, which come first (left-aligned), at least one per row. `model.inputs`
+names the inputs it reads (Face-RNN: face; the fusion models: face and context; `c3d`:
+face_map); the others may be None, and are not read from the shards. For the RNNs, padding never reaches a result: LSTMs run on packed sequences, the cascade's step
 loop keeps each row's output from its last valid step on, attention gives padded steps
 weight 0, and padded inputs are zeroed before anything touches them (so a discarded step
 cannot turn into inf/NaN gradients).
@@ -61,6 +61,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
 from train.config import ALIASES, MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
+from train.data import STEP_INPUTS
 
 STREAMS = ("face", "context")
 
@@ -81,15 +82,18 @@ C3D_KERNEL = 3
 C3D_DROPOUT = 0.5
 
 
-def checked_lengths(face: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, face_dim: int,
-                    context_dim: int) -> torch.Tensor:
-    """Each row's number of valid steps, on the CPU (where packing wants it), after checking the batch."""
-    if face.dim() != 3 or face.shape[-1] != face_dim:
-        raise ValueError(f"face must be (batch, steps, {face_dim}), got {tuple(face.shape)}")
-    if context.shape != (*face.shape[:2], context_dim):
-        raise ValueError(f"context must be {(*face.shape[:2], context_dim)} like face, got {tuple(context.shape)}")
-    if mask.dtype != torch.bool or mask.shape != face.shape[:2]:
-        raise ValueError(f"mask must be bool {tuple(face.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+def checked_lengths(mask: torch.Tensor, steps: dict[str, torch.Tensor | None], dims: dict[str, int]) -> torch.Tensor:
+    """Each row's number of valid steps, on the CPU (where packing wants it), after checking the batch.
+
+    `steps` holds each input this model reads by name, `dims` its feature size.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be bool (batch, steps), got {mask.dtype} {tuple(mask.shape)}")
+    for name, dim in dims.items():
+        rows = steps[name]
+        if rows is None or rows.shape != (*mask.shape, dim):
+            raise ValueError(f"{name} must be {(*mask.shape, dim)} like mask, got "
+                             f"{None if rows is None else tuple(rows.shape)}")
     return checked_mask_lengths(mask)
 
 
@@ -130,24 +134,22 @@ def attention_weights(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tenso
 class EmotionRNN(nn.Module):
     """What all six share: the input checks, the zeroed padding and one encoder per stream used."""
 
-    needs_face_maps = False
-
     def __init__(self, streams: tuple[str, ...], face_dim: int, context_dim: int):
         super().__init__()
-        self.face_dim = face_dim
-        self.context_dim = context_dim
-        dims = {"face": face_dim, "context": context_dim}
-        self.encoders = nn.ModuleDict({stream: stream_encoder(dims[stream]) for stream in streams})
+        self.inputs = streams
+        self.dims = {stream: {"face": face_dim, "context": context_dim}[stream] for stream in streams}
+        self.encoders = nn.ModuleDict({stream: stream_encoder(dim) for stream, dim in self.dims.items()})
 
-    def encode(self, face: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def encode(self, face: torch.Tensor | None, context: torch.Tensor | None,
+               mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The encoded streams this model uses, by name, and the rows' lengths."""
-        lengths = checked_lengths(face, context, mask, self.face_dim, self.context_dim)
         raw = {"face": face, "context": context}
+        lengths = checked_lengths(mask, raw, self.dims)
         valid = mask.unsqueeze(2)
         encoded = {stream: encoder(raw[stream].masked_fill(~valid, 0.0)) for stream, encoder in self.encoders.items()}
         return encoded, lengths
 
-    def forward(self, face: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
                 face_map: torch.Tensor | None = None, return_attention: bool = False) -> torch.Tensor:
         if return_attention:
             raise ValueError(f"{type(self).__name__} has no attention to return; only the CACA models do")
@@ -206,7 +208,7 @@ class CascadeAttentionRNN(EmotionRNN):
         self.second_rnn = nn.LSTMCell(ENCODED_DIM + CASCADE_HIDDEN, CASCADE_HIDDEN)
         self.classifier = nn.Linear(CASCADE_HIDDEN, num_classes)
 
-    def forward(self, face: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
                 face_map: torch.Tensor | None = None,
                 return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits, and with `return_attention` also the weights (B, T_second, T_first), zero on padding."""
@@ -256,7 +258,7 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
 class SpatiotemporalCNN(nn.Module):
     """The 2D-3D-CNN of the paper's Fig. 4 over the frozen face CNN's maps; see the module notes."""
 
-    needs_face_maps = True
+    inputs = ("face_map",)
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -268,7 +270,7 @@ class SpatiotemporalCNN(nn.Module):
         self.dropout = nn.Dropout(C3D_DROPOUT)
         self.classifier = nn.Linear(C3D_CHANNELS, num_classes)
 
-    def forward(self, face: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
                 face_map: torch.Tensor | None = None) -> torch.Tensor:
         if face_map is None or face_map.dim() != 5 or face_map.shape[2:] != FACE_MAP_SHAPE:
             raise ValueError(f"c3d needs face_map (batch, steps, {', '.join(map(str, FACE_MAP_SHAPE))}), got "
@@ -291,9 +293,9 @@ class WeightedEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
-        self.needs_face_maps = any(member.needs_face_maps for member in members)
+        self.inputs = tuple(name for name in STEP_INPUTS if any(name in member.inputs for member in members))
 
-    def forward(self, face: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
                 face_map: torch.Tensor | None = None) -> torch.Tensor:
         probabilities = [member(face, context, mask, face_map=face_map).softmax(dim=-1) for member in self.members]
         return torch.log(sum(w * p for w, p in zip(self.weights, probabilities)))
