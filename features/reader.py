@@ -80,20 +80,25 @@ def open_shard_file(path: Path) -> h5py.File:
         raise FeatureFileError(f"{path}: cannot be opened as HDF5 ({exc}); the file is damaged or truncated") from exc
 
 
+# Per-frame arrays read whole, once per shard and process, and sliced per clip: has_face is
+# one byte per frame (a million frames is 1 MB), and a read of its own per clip cost more
+# than reading the clip's face features.
+WHOLE_COLUMNS = ("has_face",)
+
+
 def read_rows(dataset: h5py.Dataset, start: int, length: int) -> np.ndarray:
     """Rows [start, start + length) of a per-frame dataset.
 
     h5py reads the has_face mask (a one-byte HDF5 enum FALSE=0/TRUE=1) through HDF5's enum
-    conversion, which costs more than reading a clip's 1280-d context. Its stored bytes are
-    already numpy bools, so they are read as they are.
+    conversion, which is slow. Its stored bytes are already numpy bools, so they are read
+    as they are.
     """
-    file_type = dataset.id.get_type()
-    if dataset.dtype.kind != "b" or file_type.get_size() != 1:
+    if dataset.dtype.kind != "b" or dataset.id.get_type().get_size() != 1:
         return dataset[start : start + length]
     rows = np.empty(length, dtype=bool)
     selection = dataset.id.get_space()
     selection.select_hyperslab((start,), (length,))
-    dataset.id.read(h5s.create_simple((length,)), selection, rows, mtype=file_type)
+    dataset.id.read(h5s.create_simple((length,)), selection, rows, mtype=dataset.id.get_type())
     return rows
 
 
@@ -294,6 +299,7 @@ class FeatureSet:
             for row, clip_id in enumerate(shard.table["clip_id"])
         }
         self._handles: dict[int, tuple[h5py.File, dict[str, h5py.Dataset]]] = {}
+        self._columns: dict[tuple[int, str], np.ndarray] = {}
         self._pid = os.getpid()
 
     @property
@@ -325,7 +331,8 @@ class FeatureSet:
         """`fs[clip_id]`, with only the per-frame `arrays` named (all when None) read from the shard.
 
         Each array is one HDF5 read (and, in gzip shards, the decompression of its chunks),
-        so a caller that needs three of the eight arrays should not pay for the others.
+        so a caller that needs three of the eight arrays should not pay for the others;
+        has_face comes from the shard's whole column, read once (WHOLE_COLUMNS).
         """
         number, row = self._location[clip_id]
         shard = self.shards[number]
@@ -336,7 +343,12 @@ class FeatureSet:
         if unknown:
             raise KeyError(f"{shard.path.name} has no per-frame array {', '.join(map(repr, unknown))}")
         try:
-            clip = {name: read_rows(datasets[name], start, length) for name in names}
+            clip = {
+                name: self._column(number, name)[start : start + length].copy()
+                if name in WHOLE_COLUMNS
+                else read_rows(datasets[name], start, length)
+                for name in names
+            }
         except OSError as exc:
             raise FeatureFileError(f"{shard.path}: clip {clip_id!r} unreadable ({exc}); the file is damaged") from exc
         clip.update(
@@ -348,10 +360,18 @@ class FeatureSet:
         )
         return clip
 
+    def _column(self, number: int, name: str) -> np.ndarray:
+        """Every row of one of the WHOLE_COLUMNS of shard `number`, read on first use."""
+        if (number, name) not in self._columns:
+            dataset = self._datasets(number)[name]
+            self._columns[number, name] = read_rows(dataset, 0, len(dataset))
+        return self._columns[number, name]
+
     def _datasets(self, number: int) -> dict[str, h5py.Dataset]:
         if self._pid != os.getpid():
             # Handles inherited through fork share HDF5 state with the parent: never use them here.
             self._handles = {}
+            self._columns = {}
             self._pid = os.getpid()
         if number not in self._handles:
             path = self.shards[number].path
@@ -369,6 +389,7 @@ class FeatureSet:
             for handle, _ in self._handles.values():
                 handle.close()
         self._handles = {}
+        self._columns = {}
 
     def __enter__(self) -> "FeatureSet":
         return self
@@ -378,7 +399,7 @@ class FeatureSet:
 
     def __getstate__(self) -> dict:
         """Pickled without handles (spawned workers, Python 3.14's forkserver default)."""
-        return dict(self.__dict__, _handles={})
+        return dict(self.__dict__, _handles={}, _columns={})
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _pid=os.getpid())

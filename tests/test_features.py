@@ -289,7 +289,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         clip = self.features[self.features.clip_ids[i]]
-        return i, os.getpid(), torch.from_numpy(clip["face"]), torch.from_numpy(clip["context"].astype(np.float32))
+        return (i, os.getpid(), torch.from_numpy(clip["face"]), torch.from_numpy(clip["context"].astype(np.float32)),
+                torch.from_numpy(clip["has_face"]))
 
 
 def test_two_forked_dataloader_workers_read_what_the_parent_reads(tmp_path):
@@ -300,8 +301,9 @@ def test_two_forked_dataloader_workers_read_what_the_parent_reads(tmp_path):
         ClipDataset(features), batch_size=None, num_workers=2, multiprocessing_context="fork"
     )
     pids = set()
-    for i, pid, face, context in loader:
+    for i, pid, face, context, has_face in loader:
         clip = direct[features.clip_ids[i]]
+        np.testing.assert_array_equal(has_face.numpy(), clip["has_face"])
         np.testing.assert_array_equal(face.numpy(), clip["face"])
         np.testing.assert_array_equal(context.numpy(), clip["context"].astype(np.float32))
         pids.add(int(pid))
