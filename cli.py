@@ -27,7 +27,7 @@ DEFAULT_DEMO_OUT = Path("outputs/demo")
 # only have been raised if its module was loaded, so checking them loads nothing.
 USER_ERRORS = {
     "extract.weights": "WeightsError",
-    "extract.runtime": "DeviceError",
+    "devices": "DeviceError",
     "manifests.manifest": "ManifestError",
     "extract.pipeline": "ExtractError",
     "features.schema": "FeatureFileError",

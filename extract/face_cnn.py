@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from devices import resolve_device
 from extract.runtime import (
-    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference, resolve_device,
+    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference,
 )
 from extract.settings import DEFAULT_PRECISION
 from extract.weights import WeightsError, verified_path

@@ -1,4 +1,4 @@
-"""What the frozen networks share at run time: the device, the precision and the frame batch format."""
+"""What the frozen networks share at run time: the precision, the frame batch format, the folded input normalisation."""
 
 from __future__ import annotations
 
@@ -11,23 +11,6 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.settings import PRECISIONS
-
-
-class DeviceError(Exception):
-    """A device this machine does not have; one line saying what to ask for instead."""
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """The requested device, or CUDA when present, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
-    return resolved
 
 
 def as_nhwc_uint8(frames) -> torch.Tensor:

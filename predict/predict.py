@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from devices import resolve_device
 from extract import retinaface
 from extract.settings import BACKBONES
 from extract.pipeline import ExtractSettings, Failure, embed_clips, load_networks, setting_attrs
-from extract.runtime import resolve_device
 from features.schema import SOURCE_ATTRS, ClipFeatures, comparable, with_setting_defaults
 from features.writer import shard_attrs
 from manifests.builders import VIDEO_EXTENSIONS, videos_under

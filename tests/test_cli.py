@@ -107,6 +107,12 @@ def test_manifest_folder_then_check(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_training_on_a_device_name_torch_does_not_know_is_a_one_line_error(tmp_path):
+    done = run_cli("train", "--model", "face", "--features", str(tmp_path), "--device", "gpu")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == "error: unknown device 'gpu': use cpu, cuda or cuda:N"
+
+
 def test_an_internal_error_is_one_line_with_exit_4_and_a_traceback_only_with_v(monkeypatch, tmp_path):
     from click.testing import CliRunner
 

@@ -15,21 +15,11 @@ import torch.nn.functional as F
 
 from extract.face_cnn import FaceCNN
 from extract.runtime import (
-    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, DeviceError, InputNormalisation, as_nhwc_uint8, autocast,
-    checked_precision, frames_per_call, network_input, prepared_for_inference, resolve_device,
+    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, InputNormalisation, as_nhwc_uint8, autocast,
+    checked_precision, frames_per_call, network_input, prepared_for_inference,
     with_batch_norms_folded,
 )
 from tests.media import ASTRONAUT_FACE_BOX, photo
-
-
-def test_a_device_this_machine_lacks_is_one_line_saying_what_to_use():
-    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match="use --device cpu"):
-            resolve_device("cuda:1")
-    with pytest.raises(DeviceError, match="unknown device 'gpu0'"):
-        resolve_device("gpu0")
 
 
 def test_calls_are_small_on_the_cpu_and_large_on_a_gpu():

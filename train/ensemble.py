@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from devices import resolve_device
 from train.config import DEFAULT_RUNS
 from train.data import UNLABELLED
 from train.loop import (
     COMPLETE_MARK, ENSEMBLE_FILE, TrainError, check_comparable, labelled_metrics, load_run,
-    resolve_device, split_probabilities, write_json,
+    split_probabilities, write_json,
 )
 from train.metrics import Metrics
 

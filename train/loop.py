@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from devices import resolve_device
 from features import open_features
 from features.reader import FeatureSet
 from features.schema import comparable
@@ -43,14 +44,6 @@ ENSEMBLE_MODEL = "ensemble"
 
 class TrainError(Exception):
     """A problem with the run's inputs or folders that the user can fix; one line."""
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(requested).type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device '{requested}' requested but CUDA is not available here; use --device cpu")
-    return torch.device(requested)
 
 
 def seed_everything(seed: int) -> None:
