@@ -15,7 +15,6 @@ by clip duration, in its own folder (so the N runs never contend for one folder'
 from __future__ import annotations
 
 import csv
-import fcntl
 import heapq
 import importlib
 import itertools
@@ -49,12 +48,11 @@ from features import ClipFeatures, ShardWriter, open_features
 from features.labels import CHEAVD_CLASSES
 from features.layout import DEFAULT_ROOT, FAILURES_FILE
 from features.reader import write_index
-from features.writer import LOCKS_REFUSED, shard_attrs
-from features.schema import comparable, shard_files, shard_name, temp_files
+from features.writer import only_writer, shard_attrs
+from features.schema import comparable, shard_files, shard_name
 from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, read_manifest
 
 logger = logging.getLogger(__name__)
-LOCK_FILE = ".extract.lock"
 # Windows of sampled frames the decoder may run ahead of the networks: enough to keep both
 # busy, few enough that memory stays flat (a window is --batch-size frames).
 DECODE_AHEAD = 1
@@ -320,36 +318,6 @@ def _write_failures(folder: Path, failures: list[Failure]) -> None:
     os.replace(tmp, folder / FAILURES_FILE)
 
 
-@contextmanager
-def _exclusive(folder: Path):
-    """One extraction at a time per folder, so leftovers of killed runs can be removed safely."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ExtractError(f"another extraction is writing into {folder}; wait for it or use another --out") from None
-        except OSError as exc:
-            if exc.errno not in LOCKS_REFUSED:
-                raise
-            if not _locking_disabled():
-                raise ExtractError(
-                    f"the file system of {folder} refuses file locks ({exc.strerror}): set HDF5_USE_FILE_LOCKING=FALSE"
-                    " to write there without locks (then run one extraction per folder), or use a local --out"
-                ) from None
-        yield
-
-
-def _locking_disabled() -> bool:
-    """The user said, through HDF5's own switch, that this file system has no locks."""
-    return os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE"
-
-
-def _remove_leftovers(folder: Path) -> None:
-    for leftover in temp_files(folder):
-        leftover.unlink()
-
-
 def _shard_numbers(folder: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in shard_files(folder))
 
@@ -512,8 +480,7 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
     attrs = feature_attrs(settings)
     # Absolute, because Dask workers may run with another working folder (on a shared file system).
     folder = settings.folder.absolute()
-    with _exclusive(folder):
-        _remove_leftovers(folder)
+    with only_writer(folder):
         done_ids = _check_same_settings(folder, attrs, settings.context_dtype, settings.save_crops)
         known_failures = {f.clip_id: f for f in read_failures(folder) if f.stage == "decode"}
         unchanged = {

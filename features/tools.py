@@ -45,7 +45,7 @@ from features.schema import (
     temp_files,
     with_setting_defaults,
 )
-from features.writer import ShardWriter
+from features.writer import ShardWriter, only_writer
 
 WARNING = "warning: "  # validate() lines starting with this do not make a set invalid
 MAX_PROBLEMS_PER_SHARD = 20
@@ -316,14 +316,14 @@ def repack(source, out, compression: str, progress: bool = False) -> Path:
     `out` gets one shard per source shard, numbered in the set's order (so it lists the clips
     in the source's order), and its index; returns the index's path. Values, attributes and
     clip tables are the source's. A shard already in `out` that is the copy of its source
-    shard with this compression is kept, so a repack that was interrupted resumes; any other
-    shard in `out` is refused (FeatureFileError), as is a source that breaks the schema.
+    shard with this compression is kept, so a repack that was interrupted resumes (and the
+    temporary file it was writing is removed); any other shard in `out` is refused
+    (FeatureFileError), as is a source that breaks the schema.
     """
     out = absolute(out)
-    with open_features(source) as features:
+    with open_features(source) as features, only_writer(out):
         plan = {out / shard_name(number): shard for number, shard in enumerate(features.shards)}
         done = finished_copies(out, plan, compression)
-        out.mkdir(parents=True, exist_ok=True)
         todo = {target: shard for target, shard in plan.items() if target not in done}
         clips = sum(len(shard.table["clip_id"]) for shard in todo.values())
         with tqdm(total=clips, unit="clip", desc=f"repack ({compression})", disable=not progress) as bar:
@@ -334,8 +334,6 @@ def repack(source, out, compression: str, progress: bool = False) -> Path:
 
 def finished_copies(out: Path, plan: dict[Path, ShardInfo], compression: str) -> set[Path]:
     """The planned shards `out` already holds from an earlier run; FeatureFileError for anything else there."""
-    if not out.is_dir():
-        return set()
     if index_folders(load_index(out)) != ["."]:
         raise FeatureFileError(f"{out}: holds the index of a merged set; choose an empty --out folder")
     done = set()

@@ -8,12 +8,15 @@ writer leaves only a temporary file, which readers never take for a shard.
 from __future__ import annotations
 
 import errno
+import fcntl
 import math
 import os
 import re
 import secrets
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -38,6 +41,7 @@ from features.schema import (
     is_shard_name,
     project_version,
     shard_frame_arrays,
+    temp_files,
     temp_name,
 )
 
@@ -47,6 +51,42 @@ from features.schema import (
 # Lustre and Cray DVS mounts leak to user space.
 LOCKS_REFUSED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, 524}
 _HDF5_LOCK_ERROR = re.compile(r"unable to lock file, errno = (\d+)")
+# Held by the one process that writes shards into a folder (extract, repack).
+WRITER_LOCK_FILE = ".writer.lock"
+
+
+@contextmanager
+def only_writer(folder: Path) -> Iterator[None]:
+    """Be the one process writing shards into `folder`; then remove the temporary files of killed writers.
+
+    Without the lock a temporary file could be a live writer's. On file systems that refuse
+    locks (NFS without lockd, some Lustre mounts) setting HDF5_USE_FILE_LOCKING=FALSE goes on
+    without it, and one writer per folder is then up to the user.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / WRITER_LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FeatureFileError(
+                f"another extract or repack is writing into {folder}; wait for it or use another --out"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in LOCKS_REFUSED:
+                raise
+            if not locking_disabled():
+                raise FeatureFileError(
+                    f"the file system of {folder} refuses file locks ({exc.strerror}): set HDF5_USE_FILE_LOCKING=FALSE"
+                    " to write there without locks (then run one writer per folder), or use a local --out"
+                ) from None
+        for leftover in temp_files(folder):
+            leftover.unlink()
+        yield
+
+
+def locking_disabled() -> bool:
+    """The user said, through HDF5's own switch, that this file system has no locks."""
+    return os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE"
 
 
 def shard_attrs(attrs: dict, context_dtype: str, store_face_crops: bool = False) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -18,8 +19,9 @@ import torch
 
 from features import ClipFeatures, FeatureFileError, ShardWriter, comparable, open_features, write_index
 from features.labels import CHEAVD_CLASSES
-from features.schema import COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, shard_name
+from features.schema import COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, shard_name, temp_files
 from features.tools import WARNING, inspect, merge, repack, validate
+from features import writer
 from tests.feature_files import extractor_attrs as shared_extractor_attrs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +206,26 @@ def test_a_killed_writer_leaves_a_temp_file_readers_ignore_and_validate_reports(
         assert features.clip_ids == ["kept"]
     problems = validate(tmp_path)
     assert len(problems) == 1 and problems[0].startswith(WARNING) and str(temps[0]) in problems[0]
+
+
+def test_one_writer_per_folder_and_the_file_systems_without_locks_name_the_switch(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    with writer.only_writer(folder):
+        with pytest.raises(FeatureFileError, match=f"another extract or repack is writing into {folder}"):
+            with writer.only_writer(folder):
+                pass
+
+    def refuse(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # what NFS without lockd answers
+
+    monkeypatch.setattr(writer.fcntl, "flock", refuse)
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    with pytest.raises(FeatureFileError, match="refuses file locks .* set HDF5_USE_FILE_LOCKING=FALSE"):
+        with writer.only_writer(folder):
+            pass
+    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")
+    with writer.only_writer(folder):
+        pass
 
 
 def test_a_stale_or_missing_index_falls_back_to_the_shard_files(tmp_path):
@@ -506,9 +528,11 @@ def test_repack_copies_a_merged_set_resumes_and_refuses_foreign_shards(tmp_path)
         assert copy.clip_ids == merged.clip_ids == ["a1", "a2", "a3", "b1"]
         assert_same_clip(copy["b1"], make_clip("b1", 4, "", seed=4))
     kept = (out / shard_name(0)).stat().st_mtime_ns
-    (out / shard_name(2)).unlink()  # as if the last shard had not been written when the repack was stopped
+    (out / shard_name(2)).unlink()  # as if the repack had been killed while writing its last shard
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(REPO), str(out / shard_name(2))])
+    assert killed.returncode == 1 and len(temp_files(out)) == 1
     repack(tmp_path / "all", out, "none")
-    assert (out / shard_name(0)).stat().st_mtime_ns == kept and validate(out) == []
+    assert (out / shard_name(0)).stat().st_mtime_ns == kept and validate(out) == [] and temp_files(out) == []
     with pytest.raises(FeatureFileError, match=f"{out / shard_name(0)}: exists and is not .* repacked with gzip"):
         repack(tmp_path / "all", out, "gzip")
     foreign = tmp_path / "fresh" / "other.h5"

@@ -8,7 +8,6 @@ process (the same calls the CLI makes), to keep the module under about a minute 
 from __future__ import annotations
 
 import csv
-import errno
 import random
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import pytest
 from click.testing import CliRunner
 
 import cli as cli_module
-from extract import pipeline
 from extract.pipeline import ExtractError, ExtractSettings, balanced_parts, check_options, clip_durations, extract_split
 from features import open_features
 from features.tools import inspect, merge, recorded_failures, validate
@@ -217,15 +215,3 @@ def test_dask_without_distributed_says_what_to_install(monkeypatch):
         check_options(ExtractSettings(split="train", backend="dask", scheduler="tcp://127.0.0.1:8786"))
 
 
-def test_a_folder_on_a_file_system_without_locks_names_the_switch(tmp_path, monkeypatch):
-    def refuse(file, operation):
-        raise OSError(errno.ENOLCK, "No locks available")  # what NFS without lockd answers
-
-    monkeypatch.setattr(pipeline.fcntl, "flock", refuse)
-    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
-    with pytest.raises(ExtractError, match="refuses file locks .* set HDF5_USE_FILE_LOCKING=FALSE"):
-        with pipeline._exclusive(tmp_path / "out"):
-            pass
-    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")
-    with pipeline._exclusive(tmp_path / "out"):
-        pass
