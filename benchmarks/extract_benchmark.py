@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,6 +76,24 @@ def best_of(fn, repeats: int = 3) -> tuple[object, float]:
     return runs[0][0], min(seconds for _, seconds in runs)
 
 
+def alternated(*runs, rounds: int) -> list[list[float]]:
+    """Each of `runs` timed once per round, in turns: seconds[run][round].
+
+    A slow spell of a shared machine hits every run of a round alike, so ratios taken within
+    rounds (then their median, `median_ratio`) stay fair where speeds move from minute to
+    minute; timing one thing, then the other, compares two different minutes.
+    """
+    seconds = [[] for _ in runs]
+    for _ in range(rounds):
+        for times, run in zip(seconds, runs):
+            times.append(timed(run)[1])
+    return seconds
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return float(np.median(np.array(numerators) / np.array(denominators)))
+
+
 def bare_decode(paths: list[Path], fps: float) -> tuple[int, int]:
     """The least work that gives the same frames: decode all, convert those on the fps grid."""
     decoded = kept = 0
@@ -110,23 +127,32 @@ def ffmpeg_decode(ffmpeg: str, paths: list[Path], fps: float) -> None:
                         "-pix_fmt", "rgb24", "-"], stdout=subprocess.DEVNULL, check=True)
 
 
-def decode_rows(paths: list[Path], fps: float) -> tuple[list[str], float]:
-    """Target 1; returns the rows and the seconds per kept frame of our sampler."""
-    (decoded, kept), bare = best_of(lambda: bare_decode(paths, fps))
-    ours = best_of(lambda: sum(1 for p in paths for _ in sample_frames(p, fps=fps)))[1]
+def sampled_count(paths: list[Path], fps: float) -> int:
+    return sum(1 for p in paths for _ in sample_frames(p, fps=fps))
+
+
+def decode_rows(paths: list[Path], fps: float, rounds: int = 5) -> tuple[list[str], float]:
+    """Target 1, each comparison timed in alternating rounds; returns the rows and the seconds
+    per kept frame of our sampler (its best round)."""
+    decoded, kept = bare_decode(paths, fps)  # untimed: counts, and the clips into the page cache
+    bare, ours = alternated(lambda: bare_decode(paths, fps), lambda: sampled_count(paths, fps), rounds=rounds)
     rows = [
-        f"  bare PyAV loop (decode all, convert kept) {decoded / bare:8.0f} source frames/s ({kept / bare:.0f} kept/s)",
-        f"  decode + sample at {fps:g} fps (ours)        {decoded / ours:8.0f} source frames/s ({kept / ours:.0f} kept/s)"
-        f" = {ours / bare:.2f}x the bare loop's time (target <= 1.1)",
+        f"  bare PyAV loop (decode all, convert kept) {decoded / min(bare):8.0f} source frames/s"
+        f" ({kept / min(bare):.0f} kept/s)",
+        f"  decode + sample at {fps:g} fps (ours)        {decoded / min(ours):8.0f} source frames/s"
+        f" ({kept / min(ours):.0f} kept/s) = {median_ratio(ours, bare):.2f}x the bare loop's time"
+        f" (median of {rounds} rounds; target <= 1.1)",
     ]
     ffmpeg = ffmpeg_binary()
     if ffmpeg is None:
         rows.append("  ffmpeg: not installed here, comparison not measured")
     else:
-        cli = best_of(lambda: ffmpeg_decode(ffmpeg, paths, fps))[1]
-        rows.append(f"  ffmpeg -vf fps={fps:g} -pix_fmt rgb24       {decoded / cli:8.0f} source frames/s"
-                    f"; ours = {ours / cli:.2f}x its time (target <= 1.2)")
-    return rows, ours / kept
+        cli, ours_again = alternated(lambda: ffmpeg_decode(ffmpeg, paths, fps), lambda: sampled_count(paths, fps),
+                                     rounds=rounds)
+        rows.append(f"  ffmpeg -vf fps={fps:g} -pix_fmt rgb24       {decoded / min(cli):8.0f} source frames/s"
+                    f"; ours = {median_ratio(ours_again, cli):.2f}x its time (median of {rounds} rounds;"
+                    f" target <= 1.2)")
+    return rows, min(ours) / kept
 
 
 def stage_rows(paths: list[Path], settings: ExtractSettings) -> tuple[list[str], float]:
@@ -173,9 +199,8 @@ def bench_settings(paths: list[Path], settings_kwargs: dict, work: Path) -> Extr
     return ExtractSettings(split="bench", manifest=manifest, out=work / "out", **settings_kwargs)
 
 
-def end_to_end(paths: list[Path], settings_kwargs: dict, work: Path) -> tuple[float, float, int]:
-    """clips/s, sampled frames/s and frames of the fastest of three `extract` runs, each into a
-    fresh folder (the best of three, as each stage alone is timed).
+def prepared_run(paths: list[Path], settings_kwargs: dict, work: Path):
+    """A function running `extract` over `paths` into a fresh folder each time, once warm.
 
     A first, untimed run on a clip per worker loads the networks (and starts the workers,
     which joblib keeps with their networks): throughput, not start-up, is measured.
@@ -187,8 +212,48 @@ def end_to_end(paths: list[Path], settings_kwargs: dict, work: Path) -> tuple[fl
         settings = bench_settings(paths, settings_kwargs, Path(tempfile.mkdtemp(dir=work)))
         return extract_split(settings, progress=False, log=lambda line: None)
 
-    summary, seconds = best_of(fresh_run)
+    return fresh_run
+
+
+def end_to_end(paths: list[Path], settings_kwargs: dict, work: Path) -> tuple[float, float, int]:
+    """clips/s, sampled frames/s and frames of the fastest of three `extract` runs (the best of
+    three, as each stage alone is timed)."""
+    summary, seconds = best_of(prepared_run(paths, settings_kwargs, work))
     return len(paths) / seconds, summary.frames / seconds, summary.frames
+
+
+def workers_row(paths: list[Path], settings_kwargs: dict, workers: int, work: Path, rounds: int = 3) -> str:
+    """Target 4: `workers` workers against one worker on a worker's share of the torch threads
+    (and, for information, one worker on all of them), timed in alternating rounds."""
+    threads = torch.get_num_threads()
+    one = prepared_run(paths, dict(settings_kwargs, workers=1), work)
+    many = prepared_run(paths, dict(settings_kwargs, workers=workers), work)
+
+    def one_on_a_share():
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            one()
+        finally:
+            torch.set_num_threads(threads)
+
+    all_threads, share, parallel = alternated(one, one_on_a_share, many, rounds=rounds)
+    rate = {name: len(paths) / min(seconds) for name, seconds in
+            (("all", all_threads), ("share", share), ("parallel", parallel))}
+    return (f"4. workers, float32: {workers} workers {rate['parallel']:.2f} clips/s; 1 worker with {threads} threads"
+            f" {rate['all']:.2f} clips/s ({median_ratio(all_threads, parallel):.2f}x); 1 worker with a worker's share"
+            f" of threads {rate['share']:.2f} clips/s ({median_ratio(share, parallel):.2f}x, median of {rounds} rounds,"
+            f" target >= {0.8 * workers:.1f})")
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory, from Linux's VmHWM.
+
+    Not getrusage's ru_maxrss: Linux carries the parent's peak into a child started by fork
+    (or vfork) and exec, so a child's ru_maxrss is at least its parent's peak so far.
+    """
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def peak_memory_mb(seconds: float, settings_kwargs: dict, work: Path) -> float:
@@ -197,11 +262,11 @@ def peak_memory_mb(seconds: float, settings_kwargs: dict, work: Path) -> float:
     folder.mkdir()
     path = make_clip(folder / "clip.mp4", "coffee", seconds)
     code = (
-        "import sys, resource; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, %r)\n"
         "from pathlib import Path\n"
-        "from benchmarks.extract_benchmark import end_to_end\n"
+        "from benchmarks.extract_benchmark import end_to_end, peak_rss_mb\n"
         "end_to_end([Path(%r)], %r, Path(%r))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(peak_rss_mb())\n"
     ) % (str(ROOT), str(path), settings_kwargs, str(folder))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
@@ -235,20 +300,12 @@ def main() -> None:
             print(f"3./7. end to end, {precision}: {frames_per_s:.1f} sampled frames/s ({clips_per_s:.2f} clips/s);"
                   f" the stages one after another would give {stages:.1f}: end to end takes"
                   f" {stages / frames_per_s:.2f}x their summed time (target <= 1.15)")
-        one = end_to_end(paths, dict(settings_kwargs, workers=1), work)[0]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // args.workers))
-        one_thread = end_to_end(paths, dict(settings_kwargs, workers=1), work)[0]
-        torch.set_num_threads(threads)
-        many = end_to_end(paths, dict(settings_kwargs, workers=args.workers), work)[0]
-        print(f"4. workers, float32: {args.workers} workers {many:.2f} clips/s; 1 worker with {threads} threads"
-              f" {one:.2f} clips/s ({many / one:.2f}x); 1 worker with a worker's share of threads {one_thread:.2f}"
-              f" clips/s ({many / one_thread:.2f}x, target >= {0.8 * args.workers:.1f})")
+        print(workers_row(paths, settings_kwargs, args.workers, work))
         short = peak_memory_mb(args.seconds, settings_kwargs, work)
         long = peak_memory_mb(args.long_seconds, settings_kwargs, work)
         print(f"6. peak memory, one {args.seconds:g} s clip: {short:.0f} MB; one {args.long_seconds:g} s clip:"
               f" {long:.0f} MB (ratio {long / short:.2f})")
-        print(f"   this process's peak: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        print(f"   this process's peak: {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

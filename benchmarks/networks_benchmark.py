@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.extract_benchmark import SCENES, make_clip  # noqa: E402
+from benchmarks.extract_benchmark import SCENES, alternated, make_clip, median_ratio  # noqa: E402
 from extract.context_cnn import ContextCNN, context_crops  # noqa: E402
 from extract.face_cnn import FaceCNN, _to_model_input  # noqa: E402
 from extract.faces import crop_every_face  # noqa: E402
@@ -126,15 +126,13 @@ def network_rows(title: str, unit: str, make, bare_call, ready: torch.Tensor, ru
 def alternated_rates(bare, ready: torch.Tensor, bare_batch: int, wrapper, data,
                      rounds: int = 7) -> tuple[float, float, float]:
     """The bare model (at its best batch) and the wrapper timed in turns: each one's best items/s
-    and the median over rounds of the wrapper's speed relative to the bare model's. A slow spell
-    of a shared machine hits both halves of a round, so the ratio stays fair where rates move."""
+    and the median over rounds of the wrapper's speed relative to the bare model's."""
     wrapper(data[:bare_batch])  # warm-up: oneDNN picks its kernels per shape
-    bare_rates, wrapper_rates = [], []
-    for _ in range(rounds):
-        bare_rates.append(len(ready) / timed_pass(bare, ready, bare_batch))
-        wrapper_rates.append(len(data) / timed_pass(wrapper, data, len(data)))
-    ratio = float(np.median(np.array(wrapper_rates) / np.array(bare_rates)))
-    return max(bare_rates), max(wrapper_rates), ratio
+    bare_seconds, wrapper_seconds = alternated(
+        lambda: timed_pass(bare, ready, bare_batch), lambda: timed_pass(wrapper, data, len(data)), rounds=rounds
+    )
+    ratio = len(data) / len(ready) * median_ratio(bare_seconds, wrapper_seconds)
+    return len(ready) / min(bare_seconds), len(data) / min(wrapper_seconds), ratio
 
 
 def detector_rows(frames: torch.Tensor, compile_too: bool, precisions: list[str]) -> tuple[list[str], list]:
