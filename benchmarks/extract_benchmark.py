@@ -38,6 +38,7 @@ import av  # noqa: E402
 from extract.context_cnn import context_crops  # noqa: E402
 from extract.faces import crop_every_face, detect_downscaled  # noqa: E402
 from extract.pipeline import ExtractSettings, extract_split, feature_attrs, load_networks  # noqa: E402
+from extract.runtime import keep_freed_memory_for_reuse  # noqa: E402
 from extract.video import _TOLERANCE as SAMPLING_TOLERANCE, sample_frames  # noqa: E402
 from features import ClipFeatures, ShardWriter  # noqa: E402
 from manifests.manifest import ClipEntry, write_manifest  # noqa: E402
@@ -282,6 +283,7 @@ def main() -> None:
     parser.add_argument("--long-seconds", type=float, default=120.0, help="Length of the long clip for memory.")
     args = parser.parse_args()
     settings_kwargs = dict(context_backbone=args.context_backbone, batch_size=args.batch_size, device="cpu")
+    keep_freed_memory_for_reuse()  # as `extract` does, so that stages alone and end to end run alike
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = [make_clip(work / f"clip{i:03d}.mp4", SCENES[i % 3], args.seconds) for i in range(args.clips)]

@@ -39,7 +39,7 @@ from extract.context_cnn import ContextCNN, context_crops  # noqa: E402
 from extract.face_cnn import FaceCNN, _to_model_input  # noqa: E402
 from extract.faces import crop_every_face  # noqa: E402
 from extract.retinaface import RetinaFaceDetector  # noqa: E402
-from extract.runtime import PRECISIONS  # noqa: E402
+from extract.runtime import PRECISIONS, keep_freed_memory_for_reuse  # noqa: E402
 from extract.video import sample_frames  # noqa: E402
 
 BATCH_SIZES = (4, 8, 16, 32, 64, 128)
@@ -201,6 +201,7 @@ def main() -> None:
                         help="Wrapper precisions to run (float16 takes minutes on a CPU).")
     args = parser.parse_args()
     torch.manual_seed(0)
+    keep_freed_memory_for_reuse()  # as `extract` does; bare models and wrappers share the process
     with tempfile.TemporaryDirectory() as tmp:
         frames = real_frames(Path(tmp), args.frames)
         print(f"{len(frames)} real frames {tuple(frames.shape[1:3])}; torch {torch.__version__},"

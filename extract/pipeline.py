@@ -40,6 +40,7 @@ from extract.ahead import ahead
 from extract.embed import ClipInProgress, Embedder, Networks, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
+from extract.runtime import keep_freed_memory_for_reuse
 from extract.settings import (
     BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_PRECISION,
 )
@@ -354,12 +355,14 @@ def _networks_for(settings: ExtractSettings) -> Networks:
         return _NETWORKS[key]
 
 
-def _share_cores(settings: ExtractSettings) -> None:
-    """Torch threads such that the tasks running at once never oversubscribe the cores.
+def _prepare_process(settings: ExtractSettings) -> None:
+    """Torch threads such that the tasks running at once never oversubscribe the cores, and
+    freed memory kept for the next call (`runtime.keep_freed_memory_for_reuse`).
 
     Local workers split this machine's cores. A Dask worker's threads are the cores it was
     given and it runs one task per thread, so each task's torch gets one thread.
     """
+    keep_freed_memory_for_reuse()
     if settings.backend == "dask":
         torch.set_num_threads(1)
     elif settings.workers > 1:
@@ -373,7 +376,7 @@ def extract_shard(
 
     `on_progress(n)` is told of every n clips finished, extracted or failed.
     """
-    _share_cores(settings)
+    _prepare_process(settings)
     summary = Summary()
     reported = 0
 

@@ -25,6 +25,7 @@ from devices import resolve_device
 from extract import retinaface
 from extract.settings import BACKBONES
 from extract.pipeline import ExtractSettings, Failure, embed_clips, load_networks, setting_attrs
+from extract.runtime import keep_freed_memory_for_reuse
 from features.schema import SOURCE_ATTRS, ClipFeatures, comparable, with_setting_defaults
 from features.writer import shard_attrs
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
@@ -248,6 +249,7 @@ def predict_videos(
     entries = collect_videos(inputs)
     model, checkpoint = load_run(run, resolve_device(device))
     classes, model_name = list(checkpoint["classes"]), checkpoint["config"]["model"]
+    keep_freed_memory_for_reuse()
     networks = load_networks(settings)
     predictions: list[Prediction] = []
     failures: list[Failure] = []
