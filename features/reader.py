@@ -80,25 +80,18 @@ def open_shard_file(path: Path) -> h5py.File:
         raise FeatureFileError(f"{path}: cannot be opened as HDF5 ({exc}); the file is damaged or truncated") from exc
 
 
-# Per-frame arrays read whole, once per shard and process, and sliced per clip: has_face is
-# one byte per frame (a million frames is 1 MB), and a read of its own per clip cost more
-# than reading the clip's face features.
-WHOLE_COLUMNS = ("has_face",)
+def stored_has_face(dataset: h5py.Dataset) -> np.ndarray:
+    """A shard's whole has_face column.
 
-
-def read_rows(dataset: h5py.Dataset, start: int, length: int) -> np.ndarray:
-    """Rows [start, start + length) of a per-frame dataset.
-
-    h5py reads the has_face mask (a one-byte HDF5 enum FALSE=0/TRUE=1) through HDF5's enum
-    conversion, which is slow. Its stored bytes are already numpy bools, so they are read
-    as they are.
+    has_face is a one-byte HDF5 enum (FALSE=0/TRUE=1), which h5py reads through HDF5's enum
+    conversion, slower than reading a clip's 1280-d context. Its stored bytes are already
+    numpy bools, so they are read as they are.
     """
-    if dataset.dtype.kind != "b" or dataset.id.get_type().get_size() != 1:
-        return dataset[start : start + length]
-    rows = np.empty(length, dtype=bool)
-    selection = dataset.id.get_space()
-    selection.select_hyperslab((start,), (length,))
-    dataset.id.read(h5s.create_simple((length,)), selection, rows, mtype=dataset.id.get_type())
+    file_type = dataset.id.get_type()
+    if file_type.get_size() != 1:
+        return dataset[()]
+    rows = np.empty(dataset.shape, dtype=bool)
+    dataset.id.read(h5s.ALL, h5s.ALL, rows, mtype=file_type)
     return rows
 
 
@@ -299,7 +292,9 @@ class FeatureSet:
             for row, clip_id in enumerate(shard.table["clip_id"])
         }
         self._handles: dict[int, tuple[h5py.File, dict[str, h5py.Dataset]]] = {}
-        self._columns: dict[tuple[int, str], np.ndarray] = {}
+        # has_face is read whole, once per shard and process, and sliced per clip: one byte per
+        # frame, and a read of its own per clip cost more than the clip's face features.
+        self._has_face: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
 
     @property
@@ -332,7 +327,7 @@ class FeatureSet:
 
         Each array is one HDF5 read (and, in gzip shards, the decompression of its chunks),
         so a caller that needs three of the eight arrays should not pay for the others;
-        has_face comes from the shard's whole column, read once (WHOLE_COLUMNS).
+        has_face comes from the shard's whole column, read once.
         """
         number, row = self._location[clip_id]
         shard = self.shards[number]
@@ -344,9 +339,9 @@ class FeatureSet:
             raise KeyError(f"{shard.path.name} has no per-frame array {', '.join(map(repr, unknown))}")
         try:
             clip = {
-                name: self._column(number, name)[start : start + length].copy()
-                if name in WHOLE_COLUMNS
-                else read_rows(datasets[name], start, length)
+                name: self._has_face_column(number)[start : start + length].copy()
+                if name == "has_face"
+                else datasets[name][start : start + length]
                 for name in names
             }
         except OSError as exc:
@@ -360,18 +355,16 @@ class FeatureSet:
         )
         return clip
 
-    def _column(self, number: int, name: str) -> np.ndarray:
-        """Every row of one of the WHOLE_COLUMNS of shard `number`, read on first use."""
-        if (number, name) not in self._columns:
-            dataset = self._datasets(number)[name]
-            self._columns[number, name] = read_rows(dataset, 0, len(dataset))
-        return self._columns[number, name]
+    def _has_face_column(self, number: int) -> np.ndarray:
+        if number not in self._has_face:
+            self._has_face[number] = stored_has_face(self._datasets(number)["has_face"])
+        return self._has_face[number]
 
     def _datasets(self, number: int) -> dict[str, h5py.Dataset]:
         if self._pid != os.getpid():
             # Handles inherited through fork share HDF5 state with the parent: never use them here.
             self._handles = {}
-            self._columns = {}
+            self._has_face = {}
             self._pid = os.getpid()
         if number not in self._handles:
             path = self.shards[number].path
@@ -389,7 +382,7 @@ class FeatureSet:
             for handle, _ in self._handles.values():
                 handle.close()
         self._handles = {}
-        self._columns = {}
+        self._has_face = {}
 
     def __enter__(self) -> "FeatureSet":
         return self
@@ -399,7 +392,7 @@ class FeatureSet:
 
     def __getstate__(self) -> dict:
         """Pickled without handles (spawned workers, Python 3.14's forkserver default)."""
-        return dict(self.__dict__, _handles={}, _columns={})
+        return dict(self.__dict__, _handles={}, _has_face={})
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _pid=os.getpid())

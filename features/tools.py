@@ -27,6 +27,7 @@ from features.reader import (
     read_shard_info,
     save_index,
     set_problems,
+    stored_has_face,
     write_index,
 )
 from features.schema import (
@@ -87,7 +88,7 @@ def stored_facts(shard: ShardInfo) -> tuple[int, str]:
     of them the same filters), from one opening of the file."""
     with open_shard(shard.path) as handle:
         try:
-            with_face = int(np.count_nonzero(handle[f"{FRAMES}/has_face"][()]))
+            with_face = int(np.count_nonzero(stored_has_face(handle[f"{FRAMES}/has_face"])))
             return with_face, compression_of(handle[f"{FRAMES}/context"])
         except (KeyError, OSError) as exc:
             raise FeatureFileError(f"{shard.path}: per-frame arrays unreadable ({exc}); run `features validate`") from exc

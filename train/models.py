@@ -5,10 +5,11 @@ Every model is called as `model(face, context, mask, face_map=None)`: `face` (B,
 `context` (B, T, context_dim), `face_map` (B, T, 128, 4, 4), `mask` (B, T) bool, True on each
 row's valid steps, which come first (left-aligned), at least one per row. `model.inputs`
 names the inputs it reads (Face-RNN: face; the fusion models: face and context; `c3d`:
-face_map); the others may be None, and are not read from the shards. For the RNNs, padding never reaches a result: LSTMs run on packed sequences, the cascade's step
-loop keeps each row's output from its last valid step on, attention gives padded steps
-weight 0, and padded inputs are zeroed before anything touches them (so a discarded step
-cannot turn into inf/NaN gradients).
+face_map); the others may be None, and are not read from the shards. For the RNNs, padding
+never reaches a result: LSTMs run on packed sequences, the cascade's step loop keeps each
+row's output from its last valid step on, attention gives padded steps weight 0, and padded
+inputs are zeroed before anything touches them (so a discarded step cannot turn into
+inf/NaN gradients).
 
 How this code reads the paper (Sun et al., MEC 2017, sections III-D, IV, V-C), written
 here once:
@@ -137,7 +138,8 @@ class EmotionRNN(nn.Module):
     def __init__(self, streams: tuple[str, ...], face_dim: int, context_dim: int):
         super().__init__()
         self.inputs = streams
-        self.dims = {stream: {"face": face_dim, "context": context_dim}[stream] for stream in streams}
+        dims = {"face": face_dim, "context": context_dim}
+        self.dims = {stream: dims[stream] for stream in streams}
         self.encoders = nn.ModuleDict({stream: stream_encoder(dim) for stream, dim in self.dims.items()})
 
     def encode(self, face: torch.Tensor | None, context: torch.Tensor | None,
