@@ -1,9 +1,12 @@
 """Reading feature shards: one shard file, or a folder of shards through its index.
 
-A folder's `index.json` lists its shards with their size, mtime, attributes and clip tables,
-so opening a set reads one small JSON file instead of every shard. Index entries whose shard
-changed, and shards the index does not list, are read from the shard files instead (a
-missing or stale index costs time, never correctness).
+Shards come from other machines and teams, so each is checked when a set is opened, before
+anything is allocated from what it states: its attributes, its datasets (stored in the file,
+built-in filters only, values physically present) and its clip table (features/README.md,
+"What opening a shard checks"). A folder's `index.json` is a cache of the shards' attributes
+and clip tables: an entry's table is used only when the content hash the writer stored in
+the shard vouches for it, else the shard's own table is read (a missing, stale or edited
+index costs time, never correctness).
 
 `FeatureSet` opens no HDF5 handle until the first clip is read, and a process that did not
 open a handle never uses it (it checks `os.getpid()`), so a set can be handed to forked or
@@ -13,6 +16,8 @@ spawned PyTorch DataLoader workers.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -22,27 +27,41 @@ from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
-from h5py import h5s
+from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 
 from features.schema import (
+    BUILT_IN_FILTERS,
+    CHUNK_BYTES,
     CLIP_COLUMNS,
     CLIPS,
-    FORMAT,
+    CONTENT_SHA256,
     FORMAT_VERSION,
     FRAMES,
     INDEX_FORMAT,
     INDEX_NAME,
+    MAX_CHUNK_BYTES,
+    MAX_INFLATION,
     STRING_COLUMNS,
     FeatureFileError,
+    attr_problems,
+    column_length_problems,
     comparable,
+    content_sha256,
     decode_attrs,
     is_shard_name,
     shard_files,
     shard_frame_arrays,
+    shown,
+    table_problems,
     temp_files,
 )
 
+logger = logging.getLogger(__name__)
+
 INDEX_ENTRY_KEYS = {"path", "size", "mtime_ns", "attrs", "clips"}
+# What h5py, HDF5 and json raise on a damaged or crafted file (RecursionError, from JSON
+# nested too deep, is a RuntimeError): each becomes one line naming the file.
+FILE_ERRORS = (OSError, LookupError, ValueError, TypeError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,7 @@ def open_shard_file(path: Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
     except FileNotFoundError as exc:
         raise FeatureFileError(f"{path}: no such shard (moved or deleted since the set was opened?)") from exc
-    except OSError as exc:
+    except FILE_ERRORS as exc:
         raise FeatureFileError(f"{path}: cannot be opened as HDF5 ({exc}); the file is damaged or truncated") from exc
 
 
@@ -104,7 +123,27 @@ def open_shard(path: Path) -> Iterator[h5py.File]:
         handle.close()
 
 
+def stored_value(attr: h5a.AttrID):
+    """An attribute's value, as the writer stores every attribute: a scalar number or string,
+    checked to be one before it is read (an array or compound type could claim any size)."""
+    dtype = attr.dtype
+    string = h5py.check_string_dtype(dtype)
+    if attr.shape != () or not (dtype.kind in "biuf" or (string is not None and string.length is None)):
+        raise ValueError(f"attribute {shown(attr.name.decode())} is not a scalar number or string")
+    value = np.zeros((), dtype)
+    attr.read(value, mtype=h5t.py_create(dtype))
+    return value[()].decode() if string else value[()]
+
+
+def stored_attrs(handle: h5py.File) -> dict:
+    """A shard's root attributes, decoded (`decode_attrs`)."""
+    root = handle.id  # h5py's AttributeManager costs more than the reads themselves
+    attrs = [h5a.open(root, index=i) for i in range(h5a.get_num_attrs(root))]
+    return decode_attrs({attr.name.decode(): stored_value(attr) for attr in attrs})
+
+
 def read_clip_table(handle: h5py.File) -> dict[str, list]:
+    """The clip table as lists (column -> values); read only once `table_layout_problems` found none."""
     table = {}
     for column in CLIP_COLUMNS:
         dataset = handle[f"{CLIPS}/{column}"]
@@ -112,34 +151,200 @@ def read_clip_table(handle: h5py.File) -> dict[str, list]:
     return table
 
 
-def read_shard_info(path: Path) -> ShardInfo:
-    """A shard's attributes and clip table; FeatureFileError if it is not a readable shard of this format."""
+def plain_object(handle: h5py.File, path: str) -> h5g.GroupID | h5d.DatasetID | h5t.TypeID | str:
+    """The object at `path` if every link on the way is a hard link within this file; else why not.
+
+    Soft and external links would read other objects, or other files, than the shard's own.
+    """
+    parent = handle.id
+    for name in path.strip("/").encode().split(b"/"):
+        if not parent.links.exists(name):
+            return f"{path} missing"
+        if parent.links.get_info(name).type != h5l.TYPE_HARD:
+            return f"{path} is a link, not an object stored in this file"
+        parent = h5o.open(parent, name)
+    return parent
+
+
+def plain_dataset(handle: h5py.File, path: str) -> h5d.DatasetID | str:
+    """The dataset at `path` (`plain_object`) if it has a shape; else why not."""
+    dataset = plain_object(handle, path)
+    if isinstance(dataset, str):
+        return dataset
+    if not isinstance(dataset, h5d.DatasetID) or dataset.get_space().get_simple_extent_type() == h5s.NULL:
+        return f"{path} is not a dataset of values"
+    return dataset
+
+
+def storage_problem(dataset: h5d.DatasetID, path: str, file_size: int) -> str | None:
+    """Why reading `dataset` could run code or allocate more than the file holds; None when it cannot.
+
+    Checked from metadata only: the values are in this file (not virtual, not external), need
+    no filter beyond HDF5's built-in ones, come in bounded chunks, and are physically there.
+    """
+    plist = dataset.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5d.VIRTUAL or plist.get_external_count():
+        return f"{path} takes its values from other files (virtual or external storage)"
+    foreign = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    foreign = [code for code in foreign if code not in BUILT_IN_FILTERS]
+    if foreign:
+        return f"{path} needs HDF5 filter {foreign[0]}, not one of the built-in {', '.join(BUILT_IN_FILTERS.values())}"
+    item = dataset.get_type().get_size()
+    chunk = math.prod(plist.get_chunk()) * item if layout == h5d.CHUNKED else 0
+    if chunk > MAX_CHUNK_BYTES:
+        return f"{path} has chunks of {chunk:,} bytes, more than {MAX_CHUNK_BYTES:,}"
+    claimed, stored = math.prod(dataset.shape) * item, dataset.get_storage_size()
+    if stored > file_size or claimed > MAX_INFLATION * stored + CHUNK_BYTES:
+        return f"{path} claims {dataset.shape} values ({claimed:,} bytes) but stores {stored:,} bytes"
+    return None
+
+
+def frame_problems(handle: h5py.File, attrs: dict, file_size: int) -> tuple[int, list[str]]:
+    """N, the frames of a shard, and why its /frames datasets are not what its attributes imply.
+
+    Every dataset present, with the schema's dtype and trailing shape, stored as
+    `storage_problem` requires, all of one length N.
+    """
+    problems, lengths = [], set()
+    for name, (dtype, tail) in shard_frame_arrays(attrs).items():
+        path = f"/{FRAMES}/{name}"
+        dataset = plain_dataset(handle, path)
+        if isinstance(dataset, str):
+            problems.append(dataset)
+            continue
+        stored_dtype, shape = dataset.dtype, dataset.shape
+        if stored_dtype != dtype or shape[1:] != tail or not shape:
+            problems.append(f"{path} is {stored_dtype} {shape}, expected {dtype} (N, {tail})")
+        else:
+            problem = storage_problem(dataset, path, file_size)
+            problems += [problem] if problem else []
+            lengths.add(shape[0])
+    if len(lengths) > 1:
+        problems.append(f"per-frame datasets have different lengths {sorted(lengths)}")
+    return (lengths.pop() if len(lengths) == 1 else 0), problems
+
+
+def column_kind_matches(column: str, dtype: np.dtype) -> bool:
+    """Strings stored as variable-length strings, numbers as the schema's kind (float or signed int) of any width."""
+    if column in STRING_COLUMNS:
+        info = h5py.check_string_dtype(dtype)
+        return info is not None and info.length is None
+    return dtype.kind == CLIP_COLUMNS[column].kind
+
+
+def table_layout_problems(handle: h5py.File, n_frames: int, file_size: int) -> tuple[int, list[str]]:
+    """The clips of a shard, and why its /clips datasets cannot be read as a clip table of at most `n_frames` rows."""
+    problems, rows = [], {}
+    for column, dtype in CLIP_COLUMNS.items():
+        path = f"/{CLIPS}/{column}"
+        dataset = plain_dataset(handle, path)
+        if isinstance(dataset, str):
+            problems.append(dataset)
+        elif not column_kind_matches(column, dataset.dtype) or len(dataset.shape) != 1:
+            expected = "variable-length string" if column in STRING_COLUMNS else dtype
+            problems.append(f"{path} is {dataset.dtype} {dataset.shape}, expected {expected} (clips,)")
+        else:
+            problem = storage_problem(dataset, path, file_size)
+            problems += [problem] if problem else []
+            rows[column] = dataset.shape[0]
+    if problems:
+        return 0, problems
+    problems = column_length_problems(rows)
+    if not problems and rows["clip_id"] > n_frames:
+        problems.append(f"clip table has {rows['clip_id']} clips, more than the {n_frames} frames")
+    return rows["clip_id"], problems
+
+
+def vouched_for(entry: ShardInfo | None, attrs: dict, clips: int) -> bool:
+    """Whether an index entry holds the shard's content as the writer wrote it: the entry's
+    attributes are the shard's, its table has the shard's number of clips, and the content
+    hash the writer stored in the shard is the hash of those attributes and that table."""
+    stored = attrs.get(CONTENT_SHA256)
+    if entry is None or stored is None:
+        return False
+    try:
+        return (entry.attrs == attrs and len(entry.table["clip_id"]) == clips
+                and content_sha256(attrs, entry.table) == stored)
+    except FILE_ERRORS:
+        return False
+
+
+def checked_shard(handle: h5py.File, path: Path, entry: ShardInfo | None) -> tuple[ShardInfo | None, list[str]]:
+    """`examine_shard` on an open shard; the problems do not name the file."""
     stat = path.stat()
-    with open_shard(path) as handle:
-        try:
-            attrs = decode_attrs(handle.attrs)
-        except (OSError, ValueError) as exc:
-            raise FeatureFileError(f"{path}: attributes unreadable ({exc}); the file is damaged") from exc
-        if attrs.get("format") != FORMAT:
-            raise FeatureFileError(f"{path}: not a {FORMAT} shard (its 'format' attribute is {attrs.get('format')!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise FeatureFileError(
-                f"{path}: format version {attrs.get('format_version')!r}; this toolkit reads version {FORMAT_VERSION}"
-            )
-        try:
-            table = read_clip_table(handle)
-        except (KeyError, OSError) as exc:
-            raise FeatureFileError(f"{path}: clip table /{CLIPS} missing or unreadable ({exc})") from exc
-    return ShardInfo(path, stat.st_size, stat.st_mtime_ns, attrs, table)
+    try:
+        attrs = stored_attrs(handle)
+    except FILE_ERRORS as exc:
+        return None, [f"attributes unreadable ({exc})"]
+    problems = attr_problems(attrs)
+    if problems:
+        return None, problems
+    n_frames, problems = frame_problems(handle, attrs, stat.st_size)
+    if problems:
+        return None, problems
+    clips, problems = table_layout_problems(handle, n_frames, stat.st_size)
+    if problems:
+        return None, problems
+    from_index = vouched_for(entry, attrs, clips)
+    table = entry.table if from_index else read_clip_table(handle)
+    problems = table_problems(table, n_frames, attrs["classes"])
+    stored = attrs.get(CONTENT_SHA256)
+    if not (problems or from_index or stored is None or content_sha256(attrs, table) == stored):
+        problems = [f"{CONTENT_SHA256} does not match the attributes and clip table: the shard was changed after it"
+                    " was written (re-extract it, or delete that attribute to accept the change)"]
+    return ShardInfo(path, stat.st_size, stat.st_mtime_ns, attrs, table), problems
+
+
+def examine_shard(path: Path, entry: ShardInfo | None = None) -> tuple[ShardInfo | None, list[str]]:
+    """A shard checked before anything is allocated from what it states; every problem found, one line each naming it.
+
+    Stage by stage, stopping after the first with problems (the next would read what that one
+    did not vouch for): the attributes; the /frames datasets; the clip table, taken from
+    `entry` (an index's) when the shard's content hash vouches for it, else read from the
+    shard and checked against that hash. The ShardInfo is None when anything is wrong.
+    """
+    try:
+        with open_shard(path) as handle:
+            shard, problems = checked_shard(handle, path, entry)
+    except FeatureFileError as exc:
+        return None, [str(exc)]
+    except FILE_ERRORS as exc:
+        return None, [f"{path}: unreadable ({exc}); the file is damaged"]
+    return (None if problems else shard), [f"{path}: {problem}" for problem in problems]
+
+
+def read_shard_info(path: Path, entry: ShardInfo | None = None) -> ShardInfo:
+    """A shard's attributes and clip table (`examine_shard`); FeatureFileError naming it and its first problem."""
+    shard, problems = examine_shard(path, entry)
+    if problems:
+        raise FeatureFileError(problems[0])
+    return shard
 
 
 def load_index(folder: Path) -> dict | None:
-    """The folder's index, or None when it is absent, unreadable or of another format version."""
-    try:
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The folder's index; None when it is absent, unreadable, malformed or of another format version.
+
+    An index is a cache, so ignoring it costs time only, except for its `folders`, which say
+    which shards form the set: one that is not a relative path (absolute, or holding NUL) is
+    refused (FeatureFileError), since ignoring it would silently open another set.
+    """
+    file = folder / INDEX_NAME
+    if not file.is_file():  # a FIFO or device there would block or never end
         return None
-    return index if well_formed_index(index) else None
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not well_formed_index(index):
+        return None
+    escaping = [sub for sub in index["folders"] if not isinstance(sub, str) or "\0" in sub or os.path.isabs(sub)]
+    if escaping:
+        raise FeatureFileError(
+            f"{file}: folder {shown(escaping[0])} is not a relative path (an index's folders are relative to its own"
+            " folder); fix the index or delete it"
+        )
+    return index
 
 
 def well_formed_index(index) -> bool:
@@ -148,20 +353,38 @@ def well_formed_index(index) -> bool:
         and (index.get("format"), index.get("format_version")) == (INDEX_FORMAT, FORMAT_VERSION)
         and isinstance(index.get("folders"), list)
         and isinstance(index.get("shards"), list)
-        and all(
-            isinstance(entry, dict) and INDEX_ENTRY_KEYS <= entry.keys() and set(CLIP_COLUMNS) <= entry["clips"].keys()
-            for entry in index["shards"]
-        )
+        and all(well_formed_entry(entry) for entry in index["shards"])
     )
 
 
-def index_folders(index: dict | None) -> list[str]:
-    """The shard folders an index covers, relative to the index's folder."""
-    return index["folders"] if index else ["."]
+def well_formed_entry(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and INDEX_ENTRY_KEYS <= entry.keys()
+        and isinstance(entry["path"], str)
+        and isinstance(entry["attrs"], dict)
+        and isinstance(entry["clips"], dict)
+        and all(isinstance(entry["clips"].get(column), list) for column in CLIP_COLUMNS)
+    )
+
+
+def folder_shards(directory: Path) -> list[Path]:
+    try:
+        return shard_files(directory)
+    except OSError as exc:
+        raise FeatureFileError(f"{directory}: cannot list its shards ({exc.strerror})") from None
+
+
+def set_folders(root: Path, index: dict | None) -> list[str]:
+    """The shard folders of the set at `root`, relative to it: its index's, and `root` itself
+    whenever it holds shards, so that no index hides the shards beside it."""
+    folders = index["folders"] if index else ["."]
+    covered = {absolute(root / folder) for folder in folders}
+    return folders if absolute(root) in covered or not folder_shards(root) else [".", *folders]
 
 
 def indexed_shards(folder: Path, index: dict | None) -> dict[Path, ShardInfo]:
-    """Absolute shard path -> the index's entry for it."""
+    """Absolute shard path -> the index's entry for it (checked against the shard before any use)."""
     if index is None:
         return {}
     return {
@@ -173,17 +396,24 @@ def indexed_shards(folder: Path, index: dict | None) -> dict[Path, ShardInfo]:
 
 
 def catalogue(root: Path, folders: list[str], known: dict[Path, ShardInfo]) -> list[ShardInfo]:
-    """Every complete shard in `folders` (relative to `root`), from `known` where still fresh, else read."""
-    shards = []
-    for folder in folders:
-        directory = absolute(root / folder)
+    """Every complete shard in `folders` (relative to `root`), each checked (`examine_shard`).
+
+    A shard's clip table comes from its entry in `known` (an index's) when the shard's content
+    hash vouches for it, else from the shard; entries that disagree with their shard are
+    logged, once for all of them.
+    """
+    shards, disagreeing = [], 0
+    for directory in dict.fromkeys(absolute(root / folder) for folder in folders):
         if not directory.is_dir():
             raise FeatureFileError(f"{directory}: shard folder (listed in {root / INDEX_NAME}) does not exist")
-        for path in shard_files(directory):
-            stat = path.stat()
+        for path in folder_shards(directory):
             entry = known.get(path)
-            fresh = entry is not None and (entry.size, entry.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-            shards.append(entry if fresh else read_shard_info(path))
+            shard = read_shard_info(path, entry)
+            disagreeing += entry is not None and (entry.attrs, entry.table) != (shard.attrs, shard.table)
+            shards.append(shard)
+    if disagreeing:
+        logger.warning("%s: %d entries disagree with their shards (edited or stale); each shard's own clip table is"
+                       " used", root / INDEX_NAME, disagreeing)
     return shards
 
 
@@ -198,7 +428,7 @@ def set_problems(shards: list[ShardInfo]) -> list[str]:
     for shard in shards:
         for clip_id in shard.table["clip_id"]:
             if clip_id in seen:
-                problems.append(f"clip id {clip_id!r} is in both {seen[clip_id]} and {shard.path}")
+                problems.append(f"clip id {shown(clip_id)} is in both {seen[clip_id]} and {shard.path}")
             seen.setdefault(clip_id, shard.path)
     return problems
 
@@ -227,10 +457,12 @@ def save_index(root: Path, folders: list[str], shards: list[ShardInfo]) -> Path:
         ],
     }
     target = root / INDEX_NAME
+    # A new temporary file (O_EXCL, never through a planted link) replaces the index: a link
+    # at index.json is replaced, its target never written.
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=root, prefix=f".{INDEX_NAME}.", delete=False) as out:
         json.dump(index, out, indent=1)
-    # Temporary files are private (0600); the index is shared like the shards beside it.
-    os.chmod(out.name, 0o644)
+        # Temporary files are private (0600); the index is shared like the shards beside it.
+        os.fchmod(out.fileno(), 0o644)
     os.replace(out.name, target)
     return target
 
@@ -238,15 +470,29 @@ def save_index(root: Path, folders: list[str], shards: list[ShardInfo]) -> Path:
 def write_index(folder) -> Path:
     """(Re)write folder/index.json over the folder's complete shards; returns its path.
 
-    The extractor calls this after each shard closes. Entries of unchanged shards are
-    reused, so only new shards are opened. FeatureFileError if the shards cannot form one
-    set (incomparable attributes, duplicate clip ids).
+    The extractor calls this after each shard closes. Entries the shards' content hashes
+    vouch for are reused; other shards' clip tables are read. FeatureFileError if a shard is
+    damaged or the shards cannot form one set (incomparable attributes, duplicate clip ids).
     """
     root = absolute(folder)
     index = load_index(root)
-    shards = catalogue(root, index_folders(index), indexed_shards(root, index))
+    folders = set_folders(root, index)
+    shards = catalogue(root, folders, indexed_shards(root, index))
     check_set(shards)
-    return save_index(root, index_folders(index), shards)
+    return save_index(root, folders, shards)
+
+
+def frame_datasets(handle: h5py.File, shard: ShardInfo) -> dict[str, h5py.Dataset]:
+    """The per-frame datasets of an open shard, checked again (it may have been replaced since the set was opened)."""
+    try:
+        n_frames, problems = frame_problems(handle, shard.attrs, shard.path.stat().st_size)
+    except FILE_ERRORS as exc:
+        n_frames, problems = 0, [f"unreadable ({exc}); the file is damaged"]
+    if not problems and n_frames != shard.n_frames:
+        problems = [f"holds {n_frames} frames, not the {shard.n_frames} it held when the set was opened (replaced?)"]
+    if problems:
+        raise FeatureFileError(f"{shard.path}: {problems[0]}")
+    return {name: handle[f"{FRAMES}/{name}"] for name in shard_frame_arrays(shard.attrs)}
 
 
 def shared_attrs(shards: list[ShardInfo]) -> dict:
@@ -265,7 +511,7 @@ def open_features(path) -> "FeatureSet":
     if not path.is_dir():
         raise FeatureFileError(f"{path}: no such feature file or folder")
     index = load_index(path)
-    shards = catalogue(path, index_folders(index), indexed_shards(path, index))
+    shards = catalogue(path, set_folders(path, index), indexed_shards(path, index))
     if not shards:
         unfinished = " (only temporary files of unfinished writers)" if temp_files(path) else ""
         raise FeatureFileError(f"{path}: no complete feature shards (*.h5) here{unfinished}")
@@ -344,8 +590,10 @@ class FeatureSet:
                 else datasets[name][start : start + length]
                 for name in names
             }
-        except OSError as exc:
-            raise FeatureFileError(f"{shard.path}: clip {clip_id!r} unreadable ({exc}); the file is damaged") from exc
+        except FILE_ERRORS as exc:
+            raise FeatureFileError(
+                f"{shard.path}: clip {shown(clip_id)} unreadable ({exc}); the file is damaged"
+            ) from exc
         clip.update(
             clip_id=clip_id,
             label=shard.table["label"][row] or None,
@@ -367,14 +615,13 @@ class FeatureSet:
             self._has_face = {}
             self._pid = os.getpid()
         if number not in self._handles:
-            path = self.shards[number].path
-            handle = open_shard_file(path)
+            shard = self.shards[number]
+            handle = open_shard_file(shard.path)
             try:
-                datasets = {name: handle[f"{FRAMES}/{name}"] for name in shard_frame_arrays(self.shards[number].attrs)}
-            except KeyError as exc:
+                self._handles[number] = (handle, frame_datasets(handle, shard))
+            except BaseException:
                 handle.close()
-                raise FeatureFileError(f"{path}: per-frame dataset missing ({exc}); the file is damaged") from exc
-            self._handles[number] = (handle, datasets)
+                raise
         return self._handles[number][1]
 
     def close(self) -> None:

@@ -6,8 +6,11 @@ code. The writer, the reader and the tools import their constants from here only
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -71,9 +74,29 @@ DEFAULT_COMPRESSION = "gzip"
 CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_FRAMES = 1024
 
+# What a shard may claim, checked before anything is read or allocated, so that a file
+# cannot make a reader allocate in proportion to a number it merely states. deflate packs
+# at most about 1032:1, so a dataset whose values would take more than MAX_INFLATION times
+# the bytes it stores (plus one writer chunk of slack) claims data it does not hold. A
+# chunk is decompressed whole, so its size is bounded too (the writer's are at most
+# CHUNK_BYTES or one row). The largest context backbone on offer gives 25088 values a
+# frame and the extractor crops faces to 128 px; the caps leave room for others.
+MAX_INFLATION = 1100
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+MAX_CONTEXT_DIM = 1 << 18
+MAX_FACE_CROP_SIZE = 1024
+# The filters every HDF5 library has built in (HDF5's filter ids): any other would make
+# HDF5 look for a plugin, i.e. load code named by the file.
+BUILT_IN_FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32"}
+
+CONTENT_SHA256 = "content_sha256"
 WRITER_ATTRS = (
     "format", "format_version", "created", "project_version", "context_dtype", FACE_CROPS_STORED, "json_attrs",
+    CONTENT_SHA256,
 )
+# Writer attributes a valid shard may lack: json_attrs is consumed by decoding, and shards
+# written before the content hash existed have none.
+OPTIONAL_WRITER_ATTRS = ("json_attrs", CONTENT_SHA256)
 # Where the clips came from: differs between sets that are still comparable (train and test).
 SOURCE_ATTRS = ("split", "manifest", "manifest_sha256")
 # How the features were made: must be equal for two sets to be mixed or compared.
@@ -173,6 +196,12 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}{SHARD_SUFFIX}"
 
 
+def shard_number(name: str) -> int | None:
+    """The number in a name `shard_name` made; None for any other name (a shard may be named anything ending in .h5)."""
+    match = re.fullmatch(rf"shard-(\d+){re.escape(SHARD_SUFFIX)}", name)
+    return int(match.group(1)) if match else None
+
+
 def temp_name(final_name: str, pid: int, token: str) -> str:
     """Hidden, and not ending in SHARD_SUFFIX, so no reader ever takes it for a shard."""
     return f".{final_name}{TEMP_TAG}{pid}-{token}"
@@ -210,10 +239,152 @@ def encode_attrs(attrs: dict) -> dict:
 
 
 def decode_attrs(stored) -> dict:
-    """HDF5 attributes (h5py AttributeManager or dict) -> plain Python values, JSON decoded."""
+    """HDF5 attributes (h5py AttributeManager or dict) -> plain Python values, JSON decoded.
+
+    ValueError (or TypeError, RecursionError) when `json_attrs` or a value it names is not JSON.
+    """
     values = {key: value.item() if isinstance(value, np.generic) else value for key, value in stored.items()}
     nested = json.loads(values.pop("json_attrs", "[]"))
+    if not (isinstance(nested, list) and all(isinstance(key, str) for key in nested)):
+        raise ValueError(f"json_attrs is {shown(nested)}, not a JSON list of attribute names")
     return {key: json.loads(value) if key in nested else value for key, value in values.items()}
+
+
+def content_sha256(attrs: dict, table: dict[str, list]) -> str:
+    """The hash of a shard's content as readers decode it: its attributes (but this hash) and clip table.
+
+    Canonical JSON (sorted keys, fixed separators), so the same values always give the same
+    hash, whichever process computes it and whatever order they were stored in.
+    """
+    content = {"attrs": {key: value for key, value in attrs.items() if key != CONTENT_SHA256}, "clips": table}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value from a file as a message shows it: its repr, cut short (a file may hold megabytes in one string)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (True == 1 in Python, never in a shard)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_positive_number(value) -> bool:
+    """A finite number > 0 (compared, not converted, so a huge JSON int cannot overflow)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+# What each clip-table column holds once read from a shard or decoded from an index.
+COLUMN_VALUES = {
+    **{column: (lambda value: isinstance(value, str), "a string") for column in STRING_COLUMNS},
+    "source_fps": (lambda value: isinstance(value, float), "a float"),
+    "duration": (lambda value: isinstance(value, float), "a float"),
+    "start": (is_int, "an integer"),
+    "length": (is_int, "an integer"),
+}
+
+
+def attr_problems(attrs: dict) -> list[str]:
+    """Why decoded shard attributes are not what readers rely on; empty when they are.
+
+    Format and version first (nothing else is meaningful in another format), then every
+    attribute present, and the types and values the code uses.
+    """
+    if attrs.get("format") != FORMAT:
+        return [f"not a {FORMAT} shard (its 'format' attribute is {shown(attrs.get('format'))})"]
+    version = attrs.get("format_version")
+    if not is_int(version) or version != FORMAT_VERSION:
+        return [f"format version {shown(version)}; this toolkit reads version {FORMAT_VERSION}"]
+    present = with_setting_defaults(attrs)
+    required = [key for key in WRITER_ATTRS if key not in OPTIONAL_WRITER_ATTRS] + list(EXTRACTOR_ATTRS)
+    missing = [key for key in required if key not in present]
+    if missing:
+        return [f"attributes missing: {', '.join(missing)}"]
+    problems = [
+        f"attribute {shown(key)} is a {type(value).__name__}, not a string, number, list or dict"
+        for key, value in attrs.items()
+        if not isinstance(value, (str, int, float, list, dict))
+    ]
+    return problems + value_problems(present)
+
+
+def value_problems(attrs: dict) -> list[str]:
+    """The attribute values the code computes with, checked; `attrs` has every required key."""
+    problems = []
+    dim, crop = attrs["context_dim"], attrs["face_crop_size"]
+    if not (is_int(dim) and 1 <= dim <= MAX_CONTEXT_DIM):
+        problems.append(f"context_dim {shown(dim)} is not an int from 1 to {MAX_CONTEXT_DIM}")
+    if attrs["context_dtype"] not in CONTEXT_DTYPES:
+        problems.append(f"context_dtype {shown(attrs['context_dtype'])} is not one of {', '.join(CONTEXT_DTYPES)}")
+    if not isinstance(attrs[FACE_CROPS_STORED], bool):
+        problems.append(f"{FACE_CROPS_STORED} {shown(attrs[FACE_CROPS_STORED])} is not a bool")
+    elif attrs[FACE_CROPS_STORED] and not (is_int(crop) and 1 <= crop <= MAX_FACE_CROP_SIZE):
+        problems.append(f"face_crop_size {shown(crop)} is not an int from 1 to {MAX_FACE_CROP_SIZE}")
+    classes = attrs["classes"]
+    if not (isinstance(classes, list) and all(isinstance(name, str) and name for name in classes)
+            and len(set(classes)) == len(classes)):
+        problems.append(f"classes {shown(classes)} are not a list of distinct non-empty strings")
+    if not is_positive_number(attrs["fps"]):
+        problems.append(f"fps {shown(attrs['fps'])} is not a positive number")
+    if not (is_int(attrs["detect_every"]) and attrs["detect_every"] >= 1):
+        problems.append(f"detect_every {shown(attrs['detect_every'])} is not a positive int")
+    return problems
+
+
+def table_problems(table: dict[str, list], n_frames: int, classes: list[str]) -> list[str]:
+    """Why a clip table (column -> list of values) does not describe a shard of `n_frames` frames.
+
+    Empty when it does. Column lengths and value types first (nothing else is meaningful
+    without them), then the tiling of [0, n_frames), unique non-empty ids, known labels,
+    and the source's frame rate and duration.
+    """
+    problems = column_length_problems({column: len(values) for column, values in table.items()})
+    if problems:
+        return problems
+    for column, (holds, kind) in COLUMN_VALUES.items():
+        wrong = [value for value in table[column] if not holds(value)]
+        if wrong:
+            return [f"clip table: {column} holds {shown(wrong[0])}, not {kind}"]
+    problems = tiling_problems(table, n_frames)
+    duplicates = sorted(k for k, n in Counter(table["clip_id"]).items() if n > 1)
+    if duplicates or not all(table["clip_id"]):
+        problems.append(f"clip table: clip ids empty or repeated {shown(duplicates)}")
+    known = set(classes)
+    unknown = sorted({label for label in table["label"] if label and label not in known})
+    if unknown:
+        problems.append(f"clip table: labels {shown(unknown)} are not among the classes")
+    for clip_id, fps, duration in zip(table["clip_id"], table["source_fps"], table["duration"]):
+        if not (is_positive_number(fps) and 0 <= duration < math.inf):
+            problems.append(
+                f"clip table: clip {shown(clip_id)} has source_fps {shown(fps)} and duration {shown(duration)}"
+            )
+    return problems
+
+
+def column_length_problems(lengths: dict[str, int]) -> list[str]:
+    """The clip table's columns (name -> rows) have one length, one row per clip."""
+    if len(set(lengths.values())) <= 1:
+        return []
+    return [f"clip table columns have different lengths ({', '.join(f'{k} {n}' for k, n in lengths.items())})"]
+
+
+def tiling_problems(table: dict[str, list], n_frames: int) -> list[str]:
+    """The clips tile [0, n_frames) in order: no gap, no overlap, nothing left over, none empty."""
+    problems, expected_start = [], 0
+    for clip_id, start, length in zip(table["clip_id"], table["start"], table["length"]):
+        if length < 1:
+            problems.append(f"clip table: clip {shown(clip_id)} has length {length}")
+        if start != expected_start:
+            problems.append(
+                f"clip table: clip {shown(clip_id)} starts at frame {start}, expected {expected_start} (gap or overlap)"
+            )
+        expected_start = start + length
+    total = sum(table["length"])
+    if total != n_frames:
+        problems.append(f"clip table lengths add up to {total} frames, the frame datasets hold {n_frames}")
+    return problems
 
 
 def with_setting_defaults(attrs: dict) -> dict:

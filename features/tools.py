@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -12,44 +12,48 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from features.failures import CorruptFailuresFile, read_failures
 from features.layout import FAILURES_FILE
 from features.reader import (
+    FILE_ERRORS,
     FeatureSet,
     ShardInfo,
     absolute,
     catalogue,
     check_set,
-    index_folders,
+    examine_shard,
+    folder_shards,
+    frame_datasets,
     indexed_shards,
     load_index,
     open_features,
     open_shard,
     read_shard_info,
     save_index,
+    set_folders,
     set_problems,
     stored_has_face,
     write_index,
 )
 from features.schema import (
-    CONTEXT_DTYPES,
-    EXTRACTOR_ATTRS,
-    FRAMES,
+    CONTENT_SHA256,
     INDEX_NAME,
-    WRITER_ATTRS,
     ClipFeatures,
     FeatureFileError,
     array_problems,
     compression_of,
-    shard_files,
-    shard_frame_arrays,
+    content_sha256,
     shard_name,
+    shown,
     temp_files,
-    with_setting_defaults,
 )
-from features.writer import ShardWriter, only_writer
+from features.writer import ShardWriter, only_writer, writes_into_set
+from outputs import check_output_folder, same_file
 
 WARNING = "warning: "  # validate() lines starting with this do not make a set invalid
 MAX_PROBLEMS_PER_SHARD = 20
+# validate() reads a clip's frames in blocks of at most this many bytes (all arrays together).
+READ_BLOCK_BYTES = 32 * 1024 * 1024
 
 
 def inspect(path) -> str:
@@ -87,10 +91,11 @@ def stored_facts(shard: ShardInfo) -> tuple[int, str]:
     """A shard's frames with a face and how its per-frame arrays are stored (the writer gives all
     of them the same filters), from one opening of the file."""
     with open_shard(shard.path) as handle:
+        datasets = frame_datasets(handle, shard)
         try:
-            with_face = int(np.count_nonzero(stored_has_face(handle[f"{FRAMES}/has_face"])))
-            return with_face, compression_of(handle[f"{FRAMES}/context"])
-        except (KeyError, OSError) as exc:
+            with_face = int(np.count_nonzero(stored_has_face(datasets["has_face"])))
+            return with_face, compression_of(datasets["context"])
+        except FILE_ERRORS as exc:
             raise FeatureFileError(f"{shard.path}: per-frame arrays unreadable ({exc}); run `features validate`") from exc
 
 
@@ -102,9 +107,9 @@ def compression_summary(compressions: list[str]) -> str:
     return ", ".join(f"{name} in {count} of {len(compressions)} shards" for name, count in sorted(counts.items()))
 
 
-def recorded_failures(path) -> dict[Path, int]:
-    """Failures file -> clips it lists, for each folder of a set (a merged folder stands for its
-    parts) where the extractor recorded clips it could not extract."""
+def recorded_failures(path) -> dict[Path, int | str]:
+    """Failures file -> clips it lists (or "unreadable (why)"), for each folder of a set (a merged
+    folder stands for its parts) where the extractor recorded clips it could not extract."""
     path = absolute(path)
     if not path.is_dir():
         return {}
@@ -112,11 +117,12 @@ def recorded_failures(path) -> dict[Path, int]:
     return {file: rows for file, rows in counts.items() if rows}
 
 
-def failure_rows(file: Path) -> int:
-    if not file.is_file():
-        return 0
-    with open(file, newline="", encoding="utf-8") as rows:
-        return sum(1 for _ in csv.DictReader(rows))
+def failure_rows(file: Path) -> int | str:
+    """The clips `file` lists, or why it cannot be read: reading a set never stops at a corrupt one."""
+    try:
+        return len(read_failures(file))
+    except CorruptFailuresFile as exc:
+        return f"unreadable ({exc.reason})"
 
 
 def failures_summary(path) -> str:
@@ -125,8 +131,10 @@ def failures_summary(path) -> str:
     failures = recorded_failures(path)
     if not failures:
         return "none recorded"
-    listed = ", ".join(f"{count} in {file}" for file, count in failures.items())
-    return f"{sum(failures.values())} ({listed})"
+    counts = {file: rows for file, rows in failures.items() if isinstance(rows, int)}
+    listed = ", ".join(f"{count} in {file}" for file, count in counts.items())
+    parts = [f"{sum(counts.values())} ({listed})"] if counts else []
+    return "; ".join(parts + [f"{rows} in {file}" for file, rows in failures.items() if isinstance(rows, str)])
 
 
 def label_summary(labels: dict, classes: list[str]) -> str:
@@ -149,18 +157,21 @@ def validate(path, progress: bool = False) -> list[str]:
         return shards_problems([path])[0]
     if not path.is_dir():
         return [f"{path}: no such feature file or folder"]
-    index = load_index(path)
+    try:
+        index = load_index(path)
+        folders = set_folders(path, index)
+    except FeatureFileError as exc:
+        return [str(exc)]
     problems, paths = [], []
-    for folder in index_folders(index):
-        directory = absolute(path / folder)
+    for directory in dict.fromkeys(absolute(path / folder) for folder in folders):
         if not directory.is_dir():
             problems.append(f"{directory}: shard folder listed in {path / INDEX_NAME} does not exist")
             continue
+        paths += folder_shards(directory)
         problems += [
             f"{WARNING}{temp}: temporary file of an interrupted writer; delete it when no extraction writes here"
             for temp in temp_files(directory)
         ]
-        paths += shard_files(directory)
     if not paths:
         return problems + [f"{path}: no complete feature shards (*.h5) here"]
     shard_problems_found, shards = shards_problems(paths, progress)
@@ -171,138 +182,112 @@ def shards_problems(paths: list[Path], progress: bool = False) -> tuple[list[str
     """Problems of each shard and of the shards as one set; also the shards that could be read."""
     problems, shards = [], []
     for path in tqdm(paths, unit="shard", desc="validate", disable=not progress):
-        try:
-            shard = read_shard_info(path)
-        except FeatureFileError as exc:
-            problems.append(str(exc))
-            continue
-        problems += shard_problems(shard)
-        shards.append(shard)
+        shard, found = examine_shard(path)
+        if shard is not None:
+            found = clip_problems(shard)
+            shards.append(shard)
+        if len(found) > MAX_PROBLEMS_PER_SHARD:
+            found = found[:MAX_PROBLEMS_PER_SHARD] + [f"{path}: ... and {len(found) - MAX_PROBLEMS_PER_SHARD} more"]
+        problems += found
     return problems + set_problems(shards), shards
 
 
-def shard_problems(shard: ShardInfo) -> list[str]:
-    problems = attr_problems(shard.attrs)
-    if not problems:
-        try:
-            with open_shard(shard.path) as handle:
-                problems = layout_problems(handle, shard.attrs) or table_problems(handle, shard)
-                problems = problems or clip_problems(handle, shard)
-        except FeatureFileError as exc:
-            return [str(exc)]
-    if len(problems) > MAX_PROBLEMS_PER_SHARD:
-        problems = problems[:MAX_PROBLEMS_PER_SHARD] + [f"... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more"]
-    return [f"{shard.path}: {problem}" for problem in problems]
-
-
-def attr_problems(attrs: dict) -> list[str]:
-    # json_attrs is consumed by decoding; settings added later have a value when missing.
-    present = with_setting_defaults(attrs)
-    missing = [key for key in WRITER_ATTRS + EXTRACTOR_ATTRS if key not in present and key != "json_attrs"]
-    if missing:
-        return [f"attributes missing: {', '.join(missing)}"]
-    dim = attrs["context_dim"]
-    if attrs["context_dtype"] not in CONTEXT_DTYPES or not isinstance(dim, int) or dim < 1:
-        return [f"context_dtype {attrs['context_dtype']!r} / context_dim {dim!r} invalid"]
-    return []
-
-
-def layout_problems(handle: h5py.File, attrs: dict) -> list[str]:
-    """Per-frame datasets present, with the schema's dtypes and shapes, all of one length."""
-    problems, lengths = [], set()
-    for name, (dtype, tail) in shard_frame_arrays(attrs).items():
-        dataset = handle.get(f"{FRAMES}/{name}")
-        if not isinstance(dataset, h5py.Dataset):
-            problems.append(f"dataset /{FRAMES}/{name} missing")
-        elif dataset.dtype != dtype or dataset.shape[1:] != tail:
-            problems.append(f"/{FRAMES}/{name} is {dataset.dtype} {dataset.shape}, expected {dtype} (N, {tail})")
-        else:
-            lengths.add(dataset.shape[0])
-    if len(lengths) > 1:
-        problems.append(f"per-frame datasets have different lengths {sorted(lengths)}")
-    return problems
-
-
-def table_problems(handle: h5py.File, shard: ShardInfo) -> list[str]:
-    """The clip table tiles the frame datasets exactly: no gap, no overlap, nothing left over."""
-    table, problems = shard.table, []
-    n_frames = handle[f"{FRAMES}/timestamps"].shape[0]
-    if len({len(column) for column in table.values()}) > 1:
-        return ["clip table columns have different lengths"]
-    expected_start = 0
-    for clip_id, start, length in zip(table["clip_id"], table["start"], table["length"]):
-        if length < 1:
-            problems.append(f"clip table: clip {clip_id!r} has length {length}")
-        if start != expected_start:
-            problems.append(
-                f"clip table: clip {clip_id!r} starts at frame {start}, expected {expected_start} (gap or overlap)"
-            )
-        expected_start = start + length
-    if sum(table["length"]) != n_frames:
-        total = sum(table["length"])
-        problems.append(f"clip table lengths add up to {total} frames, the frame datasets hold {n_frames}")
-    duplicates = sorted(k for k, n in Counter(table["clip_id"]).items() if n > 1)
-    if duplicates or not all(table["clip_id"]):
-        problems.append(f"clip table: clip ids empty or repeated {duplicates}")
-    classes = set(shard.attrs["classes"])
-    unknown = sorted({label for label in table["label"] if label and label not in classes})
-    if unknown:
-        problems.append(f"clip table: labels {unknown} are not among the classes")
-    return problems
-
-
-def clip_problems(handle: h5py.File, shard: ShardInfo) -> list[str]:
-    """Per clip: finite values, increasing timestamps, the no-face policy."""
-    datasets = {name: handle[f"{FRAMES}/{name}"] for name in shard_frame_arrays(shard.attrs)}
+def clip_problems(shard: ShardInfo) -> list[str]:
+    """Per clip of a checked shard: finite values, increasing timestamps, the no-face policy."""
     problems = []
-    for clip_id, start, length in zip(shard.table["clip_id"], shard.table["start"], shard.table["length"]):
-        try:
-            arrays = {name: dataset[start : start + length] for name, dataset in datasets.items()}
-        except OSError as exc:
-            problems.append(f"clip {clip_id!r} unreadable ({exc}); the file is damaged")
-            continue
-        problems += [f"clip {clip_id!r}: {problem}" for problem in array_problems(arrays)]
+    try:
+        with open_shard(shard.path) as handle:
+            datasets = frame_datasets(handle, shard)
+            rows = block_rows(datasets)
+            for clip_id, start, length in zip(shard.table["clip_id"], shard.table["start"], shard.table["length"]):
+                try:
+                    found = clip_value_problems(datasets, start, length, rows)
+                except FILE_ERRORS as exc:
+                    found = [f"unreadable ({exc}); the file is damaged"]
+                problems += [f"{shard.path}: clip {shown(clip_id)}: {problem}" for problem in found]
+    except FeatureFileError as exc:
+        return [str(exc)]
+    return problems
+
+
+def block_rows(datasets: dict[str, h5py.Dataset]) -> int:
+    """Frames read at once: READ_BLOCK_BYTES of all the arrays together, so that memory stays bounded however
+    long a clip is and however well its values compress (one frame at least, a few MB at most)."""
+    frame_bytes = sum(dataset.dtype.itemsize * math.prod(dataset.shape[1:]) for dataset in datasets.values())
+    return max(1, READ_BLOCK_BYTES // frame_bytes)
+
+
+def clip_value_problems(datasets: dict[str, h5py.Dataset], start: int, length: int, rows: int) -> list[str]:
+    """`array_problems` of the clip at [start, start + length), read `rows` frames at a time."""
+    problems, previous = [], np.empty(0)
+    for first in range(start, start + length, rows):
+        arrays = {name: dataset[first : min(first + rows, start + length)] for name, dataset in datasets.items()}
+        # The last timestamp of the block before goes first, so the increase is checked across blocks too.
+        arrays["timestamps"], previous = np.concatenate([previous, arrays["timestamps"]]), arrays["timestamps"][-1:]
+        problems += [problem for problem in array_problems(arrays) if problem not in problems]
     return problems
 
 
 def index_problems(root: Path, index: dict | None, shards: list[ShardInfo], paths: list[Path]) -> list[str]:
-    """The index lists every complete shard, and nothing else, as the shard files are now."""
+    """The index covers every folder of shards, lists every complete shard and nothing else, and
+    holds each shard's attributes and clip table as the shard does."""
     index_path = root / INDEX_NAME
     if index is None:
         return [f"{index_path}: missing or unreadable (readers rescan every shard); write it with write_index"]
     listed, present = indexed_shards(root, index), set(paths)
     problems = [f"{index_path}: lists {path}, which does not exist" for path in listed if path not in present]
+    problems += hidden_shard_problems(root, index)
     for shard in shards:
         entry = listed.get(shard.path)
         if entry is None:
             problems.append(f"{index_path}: does not list {shard.path}")
-        elif (entry.size, entry.mtime_ns) != (shard.size, shard.mtime_ns):
-            problems.append(f"{index_path}: stale entry for {shard.path} (the file changed after indexing)")
         elif (entry.attrs, entry.table) != (shard.attrs, shard.table):
             problems.append(f"{index_path}: entry for {shard.path} does not match the shard's attributes or clip table")
     return problems
 
 
+def hidden_shard_problems(root: Path, index: dict) -> list[str]:
+    """Folders holding shards that the index's folders leave out: the set's own folder and those just below it."""
+    covered = {absolute(root / folder) for folder in index["folders"]}
+    problems = []
+    for folder in [root, *sorted(child for child in root.iterdir() if child.is_dir())]:
+        hidden = [] if folder in covered else folder_shards(folder)
+        if hidden:
+            problems.append(
+                f"{root / INDEX_NAME}: hides {len(hidden)} shards in {folder} (its folders leave it out); add them with"
+                f" `python cli.py features merge {folder} --out {root}`"
+            )
+    return problems
+
+
 def source_folders(folder: Path) -> list[Path]:
-    """A merged folder stands for the folders its index covers; any other folder for itself."""
-    return [absolute(folder / sub) for sub in index_folders(load_index(folder))]
+    """The folders of the set at `folder`: its index's (a merged folder stands for its parts), and
+    `folder` itself when it holds shards."""
+    return [absolute(folder / sub) for sub in set_folders(folder, load_index(folder))]
 
 
-def merge(folders: list[Path], out: Path) -> Path:
+def merge(folders: list[Path], out: Path, overwrite: bool = False) -> Path:
     """Write out/index.json over the shards of several folders (moving nothing); returns its path.
 
-    Shards are referenced by paths relative to `out`, so the folders can move together.
-    FeatureFileError for a folder without shards, incomparable attributes, duplicate clip ids.
+    A set already at `out` (its own shards, the folders of its index) stays in the merged set
+    with all of its shards, so merging into a set adds to it and re-running a merge changes
+    nothing. Shards are referenced by paths relative to `out`, so the folders can move
+    together. FeatureFileError for a folder without shards, incomparable attributes,
+    duplicate clip ids; OutputError for an `out` holding more than a feature set's files,
+    unless `overwrite`.
     """
-    out = absolute(out)
+    out = check_output_folder(absolute(out), "features merge", overwrite, writes_into_set)
+    given = list(map(absolute, folders))
+    missing = [folder for folder in given if not folder.is_dir()]
+    if missing:
+        raise FeatureFileError(f"{missing[0]}: no such folder")
+    existing = [out] if out.is_dir() and (load_index(out) is not None or folder_shards(out)) else []
     sources, known = [], {}
-    for folder in map(absolute, folders):
-        if not folder.is_dir():
-            raise FeatureFileError(f"{folder}: no such folder")
+    for folder in existing + given:
         known.update(indexed_shards(folder, load_index(folder)))
         sources += [source for source in source_folders(folder) if source not in sources]
     for source in sources:
-        if not source.is_dir() or not shard_files(source):
+        if not source.is_dir() or not folder_shards(source):
             raise FeatureFileError(f"{source}: no complete feature shards (*.h5) here")
     out.mkdir(parents=True, exist_ok=True)
     relative = [Path(os.path.relpath(source, out)).as_posix() for source in sources]
@@ -311,7 +296,7 @@ def merge(folders: list[Path], out: Path) -> Path:
     return save_index(out, relative, shards)
 
 
-def repack(source, out, compression: str, progress: bool = False) -> Path:
+def repack(source, out, compression: str, progress: bool = False, overwrite: bool = False) -> Path:
     """Copy every shard of a set (a folder, a merged folder or one shard) into `out` with `compression`.
 
     `out` gets one shard per source shard, numbered in the set's order (so it lists the clips
@@ -319,9 +304,12 @@ def repack(source, out, compression: str, progress: bool = False) -> Path:
     clip tables are the source's. A shard already in `out` that is the copy of its source
     shard with this compression is kept, so a repack that was interrupted resumes (and the
     temporary file it was writing is removed); any other shard in `out` is refused
-    (FeatureFileError), as is a source that breaks the schema.
+    (FeatureFileError), as is a source that breaks the schema, and `out` holding other files
+    than a feature set's (OutputError) unless `overwrite`.
     """
-    out = absolute(out)
+    out = check_output_folder(absolute(out), "features repack", overwrite, writes_into_set)
+    if same_file(out, source) or absolute(source).parent == out:
+        raise FeatureFileError(f"--out {out} is the source set; choose another folder for the copy")
     with open_features(source) as features, only_writer(out):
         plan = {out / shard_name(number): shard for number, shard in enumerate(features.shards)}
         done = finished_copies(out, plan, compression)
@@ -335,10 +323,10 @@ def repack(source, out, compression: str, progress: bool = False) -> Path:
 
 def finished_copies(out: Path, plan: dict[Path, ShardInfo], compression: str) -> set[Path]:
     """The planned shards `out` already holds from an earlier run; FeatureFileError for anything else there."""
-    if index_folders(load_index(out)) != ["."]:
+    if set_folders(out, load_index(out)) != ["."]:
         raise FeatureFileError(f"{out}: holds the index of a merged set; choose an empty --out folder")
     done = set()
-    for path in shard_files(out):
+    for path in folder_shards(out):
         source = plan.get(path)
         if source is None:
             raise FeatureFileError(f"{path}: not a shard of this repack; choose an empty --out folder")
@@ -352,8 +340,10 @@ def finished_copies(out: Path, plan: dict[Path, ShardInfo], compression: str) ->
 
 
 def is_copy(path: Path, source: ShardInfo, compression: str) -> bool:
+    """The copy's content hash is that of the source's attributes and clip table (which may have no hash: older)."""
     copy = read_shard_info(path)
-    return (copy.attrs, copy.table) == (source.attrs, source.table) and stored_facts(copy)[1] == compression
+    same = copy.attrs.get(CONTENT_SHA256) == content_sha256(source.attrs, source.table)
+    return same and stored_facts(copy)[1] == compression
 
 
 def repack_shard(features: FeatureSet, shard: ShardInfo, target: Path, compression: str, bar: tqdm) -> None:

@@ -21,10 +21,14 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from features.failures import CORRUPT_TAG
+from features.layout import FAILURES_FILE, PART_FOLDER_NAME
+from features.reader import read_clip_table, stored_attrs
 from features.schema import (
     CLIP_COLUMNS,
     CLIPS,
     COMPRESSIONS,
+    CONTENT_SHA256,
     DEFAULT_COMPRESSION,
     CONTEXT_DTYPES,
     EXTRACTOR_ATTRS,
@@ -32,18 +36,24 @@ from features.schema import (
     FORMAT,
     FORMAT_VERSION,
     FRAMES,
+    INDEX_NAME,
     WRITER_ATTRS,
     ClipFeatures,
     FeatureFileError,
     array_problems,
+    attr_problems,
     chunk_frames,
+    content_sha256,
+    decode_attrs,
     encode_attrs,
     is_shard_name,
+    is_temp_name,
     project_version,
     shard_frame_arrays,
     temp_files,
     temp_name,
 )
+from outputs import is_temporary
 
 
 # errno values of a file system that refuses locks: NFS without lockd (ENOLCK), Lustre
@@ -53,6 +63,10 @@ LOCKS_REFUSED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, 524}
 _HDF5_LOCK_ERROR = re.compile(r"unable to lock file, errno = (\d+)")
 # Held by the one process that writes shards into a folder (extract, repack).
 WRITER_LOCK_FILE = ".writer.lock"
+# HDF5 1.8's object versions, no newer: its object headers and superblock carry checksums,
+# so a damaged header is refused when read instead of being decoded wrongly, and every
+# HDF5 library since 1.8 reads the file (features/README.md, "Inside a shard").
+LIBVER = ("v108", "v108")
 
 
 @contextmanager
@@ -64,7 +78,7 @@ def only_writer(folder: Path) -> Iterator[None]:
     without it, and one writer per folder is then up to the user.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / WRITER_LOCK_FILE, "w") as lock:
+    with open_lock_file(folder / WRITER_LOCK_FILE) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,6 +98,31 @@ def only_writer(folder: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def open_lock_file(path: Path) -> Iterator[int]:
+    """The lock file's descriptor: created if missing, never truncated, never opened through a symlink
+    (whose target a planted link would otherwise have us open, or create, for writing)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        hint = "it is a symbolic link: delete it" if exc.errno == errno.ELOOP else exc.strerror
+        raise FeatureFileError(f"{path}: cannot be used as the writer's lock file ({hint})") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def writes_into_set(name: str) -> bool:
+    """The names extract, repack and merge write in a feature-set folder: shards, the index, the
+    failures file (and one set aside), the writers' lock, temporary files, the folders of parts."""
+    return (
+        is_shard_name(name) or is_temp_name(name) or is_temporary(name) or PART_FOLDER_NAME.fullmatch(name) is not None
+        or name in (INDEX_NAME, FAILURES_FILE, WRITER_LOCK_FILE)
+        or name.startswith((f".{INDEX_NAME}.", f"{FAILURES_FILE}{CORRUPT_TAG}"))
+    )
+
+
 def locking_disabled() -> bool:
     """The user said, through HDF5's own switch, that this file system has no locks."""
     return os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE"
@@ -99,14 +138,8 @@ def shard_attrs(attrs: dict, context_dtype: str, store_face_crops: bool = False)
         raise ValueError(f"shard attrs {', '.join(reserved)} are set by the writer, not the caller")
     if context_dtype not in CONTEXT_DTYPES:
         raise ValueError(f"context_dtype must be one of {CONTEXT_DTYPES}, not {context_dtype!r}")
-    dim = attrs["context_dim"]
-    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"context_dim must be a positive int, not {dim!r}")
-    if not all(isinstance(name, str) and name for name in attrs["classes"]):
-        raise ValueError(f"classes must be non-empty strings, not {attrs['classes']!r}")
-    return dict(
+    full = dict(
         attrs,
-        context_dim=int(dim),
         format=FORMAT,
         format_version=FORMAT_VERSION,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -114,6 +147,13 @@ def shard_attrs(attrs: dict, context_dtype: str, store_face_crops: bool = False)
         context_dtype=context_dtype,
         **{FACE_CROPS_STORED: store_face_crops},
     )
+    # Checked as readers will decode them (numpy scalars as Python numbers, tuples as lists),
+    # with the very checks readers apply, so the writer never writes a shard they refuse.
+    stored = decode_attrs(encode_attrs(full))
+    problems = attr_problems(stored)
+    if problems:
+        raise ValueError(f"shard attrs: {'; '.join(problems)}")
+    return stored
 
 
 def fsync_path(path: Path) -> None:
@@ -127,7 +167,9 @@ def fsync_path(path: Path) -> None:
 def _create(temp: Path) -> h5py.File:
     """A new HDF5 file; FeatureFileError naming the fix when the file system refuses HDF5's lock."""
     try:
-        return h5py.File(temp, "w-")
+        return h5py.File(temp, "w-", libver=LIBVER)  # O_EXCL: never through a file or link planted at this name
+    except FileExistsError:
+        raise FeatureFileError(f"{temp}: exists (planted?); the writer only writes files it creates") from None
     except OSError as exc:
         refused = _HDF5_LOCK_ERROR.search(str(exc))
         if refused and int(refused.group(1)) in LOCKS_REFUSED:
@@ -151,16 +193,18 @@ class ShardWriter:
         self._open(Path(final_path), shard_attrs(attrs, context_dtype, store_face_crops), compression)
 
     @classmethod
-    def repacking(cls, final_path, stored_attrs: dict, compression: str) -> "ShardWriter":
+    def repacking(cls, final_path, source_attrs: dict, compression: str) -> "ShardWriter":
         """A writer for a copy of an existing shard, keeping its attributes as they are.
 
         `created` and `project_version` included: they describe the extraction, which a
         copy with other compression does not redo. Clips are checked as in any writer.
         """
-        if (stored_attrs.get("format"), stored_attrs.get("format_version")) != (FORMAT, FORMAT_VERSION):
+        if (source_attrs.get("format"), source_attrs.get("format_version")) != (FORMAT, FORMAT_VERSION):
             raise ValueError(f"not the attributes of a {FORMAT} version {FORMAT_VERSION} shard")
         writer = cls.__new__(cls)
-        writer._open(Path(final_path), dict(stored_attrs), compression)
+        # The content hash is the writer's to compute: the same content gives the same hash.
+        attrs = {key: value for key, value in source_attrs.items() if key != CONTENT_SHA256}
+        writer._open(Path(final_path), attrs, compression)
         return writer
 
     def _open(self, path: Path, attrs: dict, compression: str) -> None:
@@ -240,7 +284,7 @@ class ShardWriter:
             self._table[column].append(value)
 
     def close(self) -> Path:
-        """Write the clip table, close, and rename the shard into place; returns its path."""
+        """Write the clip table and the content hash, close, and rename the shard into place; returns its path."""
         if self._discarded:
             raise ValueError(f"the writer of {self.path} was discarded after an error; nothing was written")
         if not self._file:
@@ -248,6 +292,8 @@ class ShardWriter:
         try:
             for column, dtype in CLIP_COLUMNS.items():
                 self._file.create_dataset(f"{CLIPS}/{column}", data=np.array(self._table[column], dtype=dtype))
+            # Hashed as read back, i.e. exactly as readers will decode it, whatever types the caller passed.
+            self._file.attrs[CONTENT_SHA256] = content_sha256(stored_attrs(self._file), read_clip_table(self._file))
             self._file.close()
             # Data on disk before the name: after a power cut the shard is whole or absent.
             fsync_path(self._temp)

@@ -19,9 +19,11 @@ import torch
 
 from features import ClipFeatures, FeatureFileError, ShardWriter, comparable, open_features, write_index
 from features.labels import CHEAVD_CLASSES
-from features.schema import COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, shard_name, temp_files
+from features.schema import (
+    COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, MAX_CONTEXT_DIM, content_sha256, shard_name, temp_files,
+)
 from features.tools import WARNING, inspect, merge, repack, validate
-from features import writer
+from features import reader, tools, writer
 from tests.feature_files import extractor_attrs as shared_extractor_attrs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,26 +257,28 @@ def open_shards_of_this_process(folder: Path) -> set[str]:
     return {Path(t).name for t in targets if Path(t).parent == folder.resolve()}
 
 
-def test_a_fresh_index_is_trusted_and_no_shard_is_opened_before_the_first_read(tmp_path):
+def test_an_index_the_shards_vouch_for_spares_reading_clip_tables_and_no_shard_stays_open(tmp_path, monkeypatch):
     three_shards(tmp_path)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert [entry["path"] for entry in index["shards"]] == [shard_name(n) for n in range(3)]
     assert index["shards"][0]["clips"]["clip_id"] == ["a1", "a2", "a3"]
-    # Break shard 0's HDF5 signature, keeping its size and mtime: only the index can name its clips.
-    damaged = tmp_path / shard_name(0)
-    stat = damaged.stat()
-    with open(damaged, "r+b") as raw:
-        raw.write(b"\0" * 8)
-    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with h5py.File(tmp_path / shard_name(0), "r") as shard:
+        assert index["shards"][0]["attrs"]["content_sha256"] == shard.attrs["content_sha256"]
+    tables_read = []
+    monkeypatch.setattr(reader, "read_clip_table", lambda handle: tables_read.append(handle.filename))
     features = open_features(tmp_path)
-    assert features.clip_ids[:3] == ["a1", "a2", "a3"] and features.labels["a3"] is None
+    assert tables_read == [] and features.clip_ids[:3] == ["a1", "a2", "a3"] and features.labels["a3"] is None
     assert open_shards_of_this_process(tmp_path) == set()
     assert_same_clip(features["b1"], make_clip("b1", 12, "neutral", seed=4))
     assert open_shards_of_this_process(tmp_path) == {shard_name(1)}
-    with pytest.raises(FeatureFileError, match=f"{damaged}: cannot be opened as HDF5"):
-        features["a2"]
     features.close()
     assert open_shards_of_this_process(tmp_path) == set()
+    # Every shard is still opened and checked: a damaged one is refused even with a vouching index.
+    damaged = tmp_path / shard_name(0)
+    with open(damaged, "r+b") as raw:
+        raw.write(b"\0" * 8)
+    with pytest.raises(FeatureFileError, match=f"{damaged}: cannot be opened as HDF5"):
+        open_features(tmp_path)
 
 
 def test_incomparable_shards_are_refused_naming_both_files_and_the_keys(tmp_path):
@@ -298,6 +302,10 @@ def test_shards_older_than_a_setting_count_as_made_with_its_default(tmp_path):
     assert comparable(older, extractor_attrs(precision="bfloat16")) == ["precision: 'float32' != 'bfloat16'"]
     with h5py.File(write_shard(tmp_path, 0, [make_clip("a", 3)]), "r+") as shard:
         del shard.attrs["precision"]
+    with pytest.raises(FeatureFileError, match="content_sha256 does not match .* changed after it was written"):
+        write_index(tmp_path)
+    with h5py.File(tmp_path / shard_name(0), "r+") as shard:  # older shards have no content hash either
+        del shard.attrs["content_sha256"]
     write_index(tmp_path)
     assert validate(tmp_path) == []
 
@@ -417,6 +425,15 @@ def test_validate_passes_a_good_shard_and_names_each_damage(tmp_path):
         open_features(path)
 
 
+def test_validate_reads_a_clip_in_blocks_and_checks_timestamps_across_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(tools, "READ_BLOCK_BYTES", 1)  # one frame a block
+    path = write_shard(tmp_path, 0, [make_clip("long", 9)])
+    assert validate(path) == []
+    with h5py.File(path, "r+") as handle:
+        handle["frames/timestamps"][4] = handle["frames/timestamps"][3]
+    assert validate(path) == [f"{path}: clip 'long': timestamps are not strictly increasing"]
+
+
 def test_merge_of_two_machines_folders_gives_one_set(tmp_path):
     clips_a = [make_clip("a1", 3, seed=1), make_clip("a2", 5, seed=2)]
     clips_b = [make_clip("b1", 4, "", seed=3)]
@@ -476,6 +493,37 @@ def test_the_writer_refuses_incomplete_attrs_and_existing_shards(tmp_path):
     with pytest.raises(FileExistsError):
         ShardWriter(tmp_path / shard_name(0), extractor_attrs())
     assert [p.name for p in tmp_path.iterdir()] == [shard_name(0)]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(context_dim=MAX_CONTEXT_DIM + 1), "context_dim 262145 is not an int from 1 to 262144"),
+    (dict(classes=["happy", "happy"]), "are not a list of distinct non-empty strings"),
+    (dict(fps=float("inf")), "fps inf is not a positive number"),
+    (dict(notes=np.arange(3)), "attribute 'notes' is a ndarray"),
+])
+def test_the_writer_refuses_attrs_readers_would_refuse_with_the_readers_check(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        ShardWriter(tmp_path / shard_name(0), extractor_attrs(**change))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_content_hash_is_of_the_content_as_read_back_and_a_copy_keeps_it(tmp_path):
+    # numpy scalars and tuples from the caller are stored and read back as plain numbers and lists
+    attrs = extractor_attrs(fps=np.float32(5.0), detect_every=np.int64(1), classes=tuple(CHEAVD_CLASSES))
+    path = write_shard(tmp_path / "gzip", 0, [make_clip("a", 3), make_clip("b", 5, "")], attrs=attrs)
+    with h5py.File(path, "r") as handle:
+        stored = handle.attrs["content_sha256"]
+    with open_features(path) as features:
+        shard = features.shards[0]
+        assert stored == content_sha256(shard.attrs, shard.table) and shard.attrs["content_sha256"] == stored
+    repack(tmp_path / "gzip", tmp_path / "none", "none")
+    with h5py.File(tmp_path / "none" / shard_name(0), "r") as copy:
+        assert copy.attrs["content_sha256"] == stored
+    with h5py.File(path, "r+") as older:  # a shard written before the hash existed is copied and resumed too
+        del older.attrs["content_sha256"]
+    write_index(tmp_path / "gzip")
+    repack(tmp_path / "gzip", tmp_path / "none", "none")
+    assert validate(tmp_path / "none") == []
 
 
 def stored_bytes(dataset: h5py.Dataset) -> bytes:
