@@ -38,6 +38,7 @@ from benchmarks.extract_benchmark import SCENES, SIZE, make_clip, scene_frame  #
 from demo.sample_set import FACES  # noqa: E402
 from extract import faces  # noqa: E402
 from extract.pipeline import ExtractSettings, embed_clips, load_networks  # noqa: E402
+from features.failures import Failure  # noqa: E402
 from manifests.manifest import ClipEntry  # noqa: E402
 from tests.media import HEAD, photo, write_clip  # noqa: E402
 
@@ -153,6 +154,15 @@ def agreement(reference: list, result: list, every: int) -> dict[str, float]:
             "interpolate": mean(lerps)}
 
 
+def extracted(clips, networks, settings) -> list:
+    """The clips' features; a clip that fails makes the comparison meaningless, so it stops the benchmark."""
+    results = list(embed_clips(clips, networks, settings))
+    failed = [result for result in results if isinstance(result, Failure)]
+    if failed:
+        raise SystemExit(f"benchmark clip failed: {failed[0].clip_id}: {failed[0].error}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -174,7 +184,7 @@ def main() -> None:
         settings = ExtractSettings(split="bench", context_backbone=args.context_backbone, device="cpu")
         networks = load_networks(settings)
         detector = networks.detector
-        list(embed_clips(entries["moving"][:1], networks, settings, []))  # warm-up
+        extracted(entries["moving"][:1], networks, settings)  # warm-up
         print(f"{len(SCENES)} scenes x {len(KINDS)} kinds of {args.seconds:g} s clip, {SIZE[1]}x{SIZE[0]} 25 fps,"
               f" sampled at {settings.fps:g} fps; tracking square {faces.TRACK_REGION_SCALE:g}x the box at"
               f" {faces.TRACK_REGION_SIZE} px; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -184,7 +194,7 @@ def main() -> None:
             networks.detector = counter
             started = time.perf_counter()
             results[every] = {
-                kind: list(embed_clips(clips, networks, ExtractSettings(**{**settings.__dict__, "detect_every": every}), []))
+                kind: extracted(clips, networks, ExtractSettings(**{**settings.__dict__, "detect_every": every}))
                 for kind, clips in entries.items()
             }
             costs[every] = (counter, time.perf_counter() - started)

@@ -7,10 +7,14 @@ short clips share batches. A clip keeps only small per-frame results (detections
 features of every detected face) until its last window is embedded; then its main face is
 chosen over the whole clip and its arrays are assembled. Memory therefore grows with a
 clip's features, never with its frames (unless face crops are stored: then with its crops).
+
+An error in one clip's detection or crops, or in a CNN call its windows are part of, fails that
+clip only (`ClipInProgress.failed`); the other clips of a batch keep their features.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -23,12 +27,22 @@ from extract.face_cnn import FACE_FEATURE_DIM, FACE_MAP_SHAPE, FaceCNN
 from extract.faces import choose_main_face, crop_every_face, detect_every_kth
 from extract.retinaface import FaceDetections, RetinaFaceDetector
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Networks:
     detector: RetinaFaceDetector
     face_cnn: FaceCNN
     context_cnn: ContextCNN
+
+
+@dataclass
+class StageError:
+    """Why a clip failed: the stage of its extraction (features.failures.STAGES) and the exception."""
+
+    stage: str
+    exception: Exception
 
 
 @dataclass
@@ -45,10 +59,11 @@ class ClipInProgress:
     context: list[np.ndarray] = field(default_factory=list)
     windows_waiting: int = 0
     all_windows_added: bool = False
+    failed: StageError | None = None
 
     @property
     def ready(self) -> bool:
-        return self.all_windows_added and self.windows_waiting == 0
+        return self.all_windows_added and (self.failed is not None or self.windows_waiting == 0)
 
     def assemble(self) -> dict[str, np.ndarray]:
         """The clip's per-frame arrays, with the main face chosen over the whole clip."""
@@ -105,42 +120,80 @@ class Embedder:
 
         Keyframes are counted from the clip's first frame, and tracking starts from the
         clip's last detected frame, so how a clip is cut into windows does not change what is detected or tracked.
+        An error there fails the clip at stage "detect"; the windows of a failed clip are ignored.
         """
+        if clip.failed is not None:
+            return
         pixels = torch.from_numpy(frames)
         previous = clip.detections[-1] if clip.detections else None
-        detections = detect_every_kth(self.networks.detector, pixels, len(clip.timestamps), self.detect_every, previous)
-        crops, _ = crop_every_face(pixels, detections)
+        try:
+            detections = detect_every_kth(self.networks.detector, pixels, len(clip.timestamps), self.detect_every,
+                                          previous)
+            crops, _ = crop_every_face(pixels, detections)
+            window = _Window(clip, crops, context_crops(pixels))
+        except Exception as exc:  # this clip's frames or detections: only this clip fails
+            self.fail(clip, "detect", exc)
+            return
         clip.frame_area = float(frames.shape[1] * frames.shape[2])
         clip.timestamps.extend(timestamps)
         clip.detections.extend(detections)
         clip.windows_waiting += 1
         if self.keep_crops:
             clip.candidate_crops.append(crops)
-        self.queue.append(_Window(clip, crops, context_crops(pixels)))
+        self.queue.append(window)
         self.queued_frames += len(frames)
         if self.queued_frames >= self.batch_size:
             self.flush()
 
+    def fail(self, clip: ClipInProgress, stage: str, exception: Exception) -> None:
+        """Mark `clip` failed (its first failure is kept) and drop its queued windows: it is finished."""
+        clip.failed = clip.failed or StageError(stage, exception)
+        dropped = [w for w in self.queue if w.clip is clip]
+        self.queue = [w for w in self.queue if w.clip is not clip]
+        self.queued_frames -= sum(len(w.context_crops) for w in dropped)
+
     def flush(self) -> None:
-        """Run the face and context CNNs over everything queued, in one call each."""
+        """Run the face and context CNNs over everything queued, in one call each.
+
+        If that call raises, the windows are run one by one: only the clips whose own windows
+        still raise fail (stage "embed"). The others keep their features, which CPU kernels may
+        round differently in a call of another size (last float bits).
+        """
         if not self.queue:
             return
-        faces = self.networks.face_cnn.embed(np.concatenate([w.face_crops for w in self.queue]))
-        context = self.networks.context_cnn.embed(torch.cat([w.context_crops for w in self.queue]))
-        face_splits = np.cumsum([len(w.face_crops) for w in self.queue])[:-1]
-        context_splits = np.cumsum([len(w.context_crops) for w in self.queue])[:-1]
-        per_window = zip(
-            self.queue,
-            np.split(faces.features.numpy(), face_splits),
-            np.split(faces.maps.numpy(), face_splits),
-            np.split(context.numpy(), context_splits),
-        )
-        for window, face, face_map, ctx in per_window:
+        try:
+            embedded = self._embedded(self.queue)
+        except Exception:
+            logger.info("a CNN call over %d windows failed; running them one by one", len(self.queue), exc_info=True)
+            embedded = [self._embedded_alone(window) for window in self.queue]
+        for window, result in zip(self.queue, embedded):
+            window.clip.windows_waiting -= 1
+            if isinstance(result, Exception):
+                window.clip.failed = window.clip.failed or StageError("embed", result)
+                continue
+            face, face_map, ctx = result
             window.clip.candidate_face.append(face)
             window.clip.candidate_map.append(face_map)
             window.clip.context.append(ctx)
-            window.clip.windows_waiting -= 1
         self.queue, self.queued_frames = [], 0
+
+    def _embedded(self, windows: list[_Window]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Face features, face maps and context features of each window, from one call of each CNN."""
+        faces = self.networks.face_cnn.embed(np.concatenate([w.face_crops for w in windows]))
+        context = self.networks.context_cnn.embed(torch.cat([w.context_crops for w in windows]))
+        face_splits = np.cumsum([len(w.face_crops) for w in windows])[:-1]
+        context_splits = np.cumsum([len(w.context_crops) for w in windows])[:-1]
+        return list(zip(
+            np.split(faces.features.numpy(), face_splits),
+            np.split(faces.maps.numpy(), face_splits),
+            np.split(context.numpy(), context_splits),
+        ))
+
+    def _embedded_alone(self, window: _Window) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Exception:
+        try:
+            return self._embedded([window])[0]
+        except Exception as exc:  # this window's own error: its clip fails
+            return exc
 
 
 def finished(in_flight: deque[ClipInProgress]) -> Iterator[ClipInProgress]:

@@ -46,20 +46,29 @@ TRACK_REGION_SIZE = 192
 
 
 def detect_downscaled(detector: RetinaFaceDetector, frames: torch.Tensor) -> list[FaceDetections]:
-    """Detect on frames (N,H,W,3) uint8, downscaled when large, with results in full-size pixels."""
+    """Detect on frames (N,H,W,3) uint8, downscaled when large, with results in full-size pixels.
+
+    A side is never scaled below one pixel (a 2x10000 frame is detected at 1x640). Frames are
+    scaled one at a time: in float, a window of 8K frames would take four times its bytes.
+    """
     height, width = frames.shape[1:3]
     scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
     if scale == 1.0:
         return detector.detect(frames)
-    size = (round(height * scale), round(width * scale))
-    small = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
-    small = small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = torch.cat([_resized(frame, size) for frame in frames.split(1)])
     sy, sx = height / size[0], width / size[1]
     results = detector.detect(small)
     for r in results:
         r.boxes *= np.array([sx, sy, sx, sy], dtype=np.float32)
         r.landmarks *= np.array([sx, sy], dtype=np.float32)
     return results
+
+
+def _resized(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N,H,W,3) uint8 frames scaled to `size` (height, width), antialiased."""
+    small = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
+    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def detect_every_kth(

@@ -3,8 +3,9 @@
 The contract, as in video feature extractors: skip what exists, save, catch per-clip errors.
 - Clips already in complete shards of the output folder are skipped, so re-running the same
   command after a crash (or kill -9) does only the rest; shards appear only on a clean close.
-- A clip that cannot be decoded is recorded in `failures.csv` (clip_id, path, stage, error)
-  and the run goes on; the summary and exit code say so.
+- One clip never stops the run: any error in its decoding, detection, CNNs, assembly or
+  storing is recorded in `failures.csv` (features/failures.py) and the run goes on; the
+  summary and exit code say so. A listed clip is retried once its file has changed.
 - Output made with other settings is refused rather than mixed; one run at a time per folder.
 
 Many machines: `num_shards`/`shard_index` give each of N runs a part of the split, balanced
@@ -14,18 +15,16 @@ by clip duration, in its own folder (so the N runs never contend for one folder'
 
 from __future__ import annotations
 
-import csv
 import heapq
 import importlib
-import itertools
 import logging
 import math
 import os
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from extract import faces, face_cnn, retinaface, weights
 from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN
 from extract.ahead import ahead
-from extract.embed import ClipInProgress, Embedder, Networks, finished
+from extract.embed import ClipInProgress, Embedder, Networks, StageError, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
 from extract.runtime import keep_freed_memory_for_reuse
@@ -46,18 +45,24 @@ from extract.settings import (
 )
 from extract.video import VideoError, VideoInfo, header_duration, probe, sample_frames
 from features import ClipFeatures, ShardWriter, open_features
+from features.failures import Failure, failures_to_resume, file_stamp, one_line, write_failures
 from features.labels import CHEAVD_CLASSES
-from features.layout import DEFAULT_ROOT, FAILURES_FILE
+from features.layout import DEFAULT_ROOT, PART_FOLDER
 from features.reader import write_index
-from features.writer import only_writer, shard_attrs
-from features.schema import comparable, shard_files, shard_name
+from features.writer import only_writer, shard_attrs, writes_into_set
+from features.schema import comparable, shard_files, shard_name, shard_number
 from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, read_manifest
+from outputs import check_output_folder, check_plain_name
 
 logger = logging.getLogger(__name__)
 # Windows of sampled frames the decoder may run ahead of the networks: enough to keep both
-# busy, few enough that memory stays flat (a window is --batch-size frames).
+# busy, few enough that memory stays flat (a window is --batch-size frames, see WINDOW_BYTES).
 DECODE_AHEAD = 1
-PART_FOLDER = "part-{index}-of-{count}"
+# A window also holds at most this many bytes of frames (one frame at least): 64 frames of an
+# 8K clip are 6.4 GB, and about three windows are alive at once (decoded ahead, being stacked,
+# being detected). Windows of 640x360 to 1280x720 clips keep their 64 frames (177 MB at 720p),
+# so their batches, and features, are unchanged; 1080p gets 43 frames, 4K 10, 8K 2.
+WINDOW_BYTES = 256 << 20
 DASK_INSTALL = "pip install 'caca-rnn[dask]'"
 
 
@@ -86,21 +91,13 @@ class ExtractSettings:
     shard_index: int | None = None
     backend: str = "local"
     scheduler: str | None = None
+    overwrite: bool = False  # write into a folder holding more than a feature set's files
 
     @property
     def folder(self) -> Path:
         if self.num_shards is None:
             return self.out / self.split
         return self.out / self.split / PART_FOLDER.format(index=self.shard_index, count=self.num_shards)
-
-
-@dataclass
-class Failure:
-    clip_id: str
-    path: str
-    stage: str
-    error: str
-    file_stamp: str
 
 
 @dataclass
@@ -146,6 +143,7 @@ def feature_attrs(settings: ExtractSettings) -> dict:
 
 def check_options(settings: ExtractSettings) -> None:
     """The option combinations a user can get wrong, as one-line ExtractErrors, before any work."""
+    check_plain_name(settings.split, "split")
     if (settings.num_shards is None) != (settings.shard_index is None):
         raise ExtractError("--num-shards and --shard-index go together: give both (e.g. --num-shards 3 --shard-index 0)")
     if settings.num_shards is not None and not 0 <= settings.shard_index < settings.num_shards:
@@ -209,11 +207,12 @@ def load_networks(settings: ExtractSettings) -> Networks:
 
 
 def _windows(path: Path, fps: float, size: int) -> Iterator[tuple[np.ndarray, list[float]]]:
+    """The clip's sampled frames in windows of `size` frames, or fewer when they would exceed WINDOW_BYTES."""
     frames, stamps = [], []
     for sampled in sample_frames(path, fps=fps):
         frames.append(sampled.image)
         stamps.append(sampled.timestamp)
-        if len(frames) == size:
+        if len(frames) >= min(size, max(1, WINDOW_BYTES // sampled.image.nbytes)):
             yield np.stack(frames), stamps
             frames, stamps = [], []
     if frames:
@@ -228,11 +227,12 @@ class _Decoded:
     info: VideoInfo | None = None
     frames: np.ndarray | None = None
     stamps: list[float] | None = None
-    error: VideoError | None = None
+    error: Exception | None = None
 
 
 def _decoded(entries: list[ClipEntry], fps: float, size: int) -> Iterator[_Decoded]:
-    """Every clip's windows of sampled frames, then an end mark (info, no frames), or its error."""
+    """Every clip's windows of sampled frames, then an end mark (info, no frames), or its error
+    (after the windows decoded before it)."""
     for entry in entries:
         try:
             info = probe(entry.path)
@@ -242,85 +242,70 @@ def _decoded(entries: list[ClipEntry], fps: float, size: int) -> Iterator[_Decod
                 yield _Decoded(entry, info, frames, stamps)
             if not windows:
                 raise VideoError(f"{entry.path}: no frames could be decoded")
-        except VideoError as exc:
+        except Exception as exc:  # whatever this clip's file does, only this clip fails
             yield _Decoded(entry, error=exc)
             continue
         yield _Decoded(entry, info)
 
 
 def embed_clips(
-    entries: list[ClipEntry], networks: Networks, settings: ExtractSettings, failures: list[Failure]
-) -> Iterator[ClipFeatures]:
-    """Decode, detect and embed clips; yields each finished clip in manifest order.
+    entries: list[ClipEntry], networks: Networks, settings: ExtractSettings
+) -> Iterator[ClipFeatures | Failure]:
+    """Decode, detect and embed clips; yields each clip's features, or its failure, in manifest order.
 
-    Decoding runs DECODE_AHEAD windows ahead in a thread, overlapping the networks. A clip
-    that fails to decode is recorded in `failures`; windows of it that were already queued
-    are embedded with the next batch and dropped.
+    Decoding runs DECODE_AHEAD windows ahead in a thread, overlapping the networks. An error
+    in one clip (decoding, detection and crops, the CNN call its frames are part of, the
+    choice of its main face and the assembly of its arrays) is that clip's Failure, and the
+    other clips go on.
     """
     embedder = Embedder(networks, settings.batch_size, keep_crops=settings.save_crops, detect_every=settings.detect_every)
     in_flight: deque[ClipInProgress] = deque()
     clip = None
     for step in ahead(_decoded(entries, settings.fps, settings.batch_size), DECODE_AHEAD):
-        if step.error is not None:
-            logger.info("%s: failed: %s", step.entry.clip_id, step.error)
-            failures.append(Failure(step.entry.clip_id, str(step.entry.path), "decode", str(step.error),
-                                    _file_stamp(step.entry.path)))
-            clip = None
-            continue
         if clip is None:
             clip = ClipInProgress(tag=(step.entry, step.info))
         if step.frames is not None:
             embedder.add_window(clip, step.frames, step.stamps)
             continue
+        if step.error is not None:
+            embedder.fail(clip, "decode", step.error)
         clip.all_windows_added = True
         in_flight.append(clip)
         clip = None
-        yield from _features_of(finished(in_flight))
+        yield from map(_result, finished(in_flight))
     embedder.flush()
-    yield from _features_of(finished(in_flight))
+    yield from map(_result, finished(in_flight))
 
 
-def _features_of(clips: Iterator[ClipInProgress]) -> Iterator[ClipFeatures]:
-    for clip in clips:
-        entry, info = clip.tag
-        yield ClipFeatures(
-            clip_id=entry.clip_id,
-            label=entry.label or "",
-            source_path=str(entry.path),
-            source_fps=info.fps,
-            duration=info.duration,
-            **clip.assemble(),
-        )
+def _result(clip: ClipInProgress) -> ClipFeatures | Failure:
+    """A finished clip's features, with its main face chosen, or its failure."""
+    entry, info = clip.tag
+    if clip.failed is None:
+        try:
+            return ClipFeatures(
+                clip_id=entry.clip_id,
+                label=entry.label or "",
+                source_path=str(entry.path),
+                source_fps=info.fps,
+                duration=info.duration,
+                **clip.assemble(),
+            )
+        except Exception as exc:  # this clip's detections or features: only this clip fails
+            clip.failed = StageError("assemble", exc)
+    return clip_failure(entry.clip_id, entry.path, clip.failed)
 
 
-def _file_stamp(path: Path) -> str:
-    """Size and modification time: a failed clip is retried only once its file has changed."""
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def read_failures(folder: Path) -> list[Failure]:
-    path = folder / FAILURES_FILE
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [Failure(**row) for row in csv.DictReader(f)]
-
-
-def _write_failures(folder: Path, failures: list[Failure]) -> None:
-    tmp = folder / f".{FAILURES_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=[*Failure.__dataclass_fields__])
-        writer.writeheader()
-        writer.writerows(asdict(failure) for failure in failures)
-    os.replace(tmp, folder / FAILURES_FILE)
+def clip_failure(clip_id: str, path: Path, failed: StageError) -> Failure:
+    """The failure of one clip, logged with its traceback (shown with -v). A VideoError names the
+    file and the problem already; other errors say their type too."""
+    exc = failed.exception
+    error = one_line(str(exc) if isinstance(exc, VideoError) else f"{type(exc).__name__}: {exc}")
+    logger.info("%s: failed at stage %s: %s", clip_id, failed.stage, error, exc_info=exc)
+    return Failure(clip_id, str(path), failed.stage, error, file_stamp(path))
 
 
 def _shard_numbers(folder: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in shard_files(folder))
+    return sorted(number for p in shard_files(folder) if (number := shard_number(p.name)) is not None)
 
 
 def _check_same_settings(folder: Path, attrs: dict, context_dtype: str, store_face_crops: bool) -> set[str]:
@@ -369,6 +354,10 @@ def _prepare_process(settings: ExtractSettings) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
 
 
+class _NoClipStored(Exception):
+    """Leaves a shard writer that took no clip, which then deletes its file."""
+
+
 def extract_shard(
     settings: ExtractSettings, attrs: dict, entries: list[ClipEntry], shard: Path, on_progress: Callable[[int], None] = lambda n: None
 ) -> Summary:
@@ -387,22 +376,41 @@ def extract_shard(
         reported = finished_now
 
     started = time.monotonic()
-    clips = embed_clips(entries, _networks_for(settings), settings, summary.failures)
-    first = next(clips, None)
-    if first is not None:
-        with ShardWriter(shard, attrs, settings.context_dtype, store_face_crops=settings.save_crops) as writer:
-            for clip in itertools.chain([first], clips):
-                writer.add_clip(clip)
+    # The shard is created with its first clip, and deleted if it ends up holding none.
+    with suppress(_NoClipStored), ExitStack() as shard_writer:
+        writer = None
+        for result in embed_clips(entries, _networks_for(settings), settings):
+            if isinstance(result, ClipFeatures):
+                if writer is None:
+                    writer = shard_writer.enter_context(
+                        ShardWriter(shard, attrs, settings.context_dtype, store_face_crops=settings.save_crops))
+                result = _stored(writer, result)
+            if isinstance(result, Failure):
+                summary.failures.append(result)
+            else:
                 summary.done += 1
-                summary.frames += len(clip.timestamps)
-                summary.frames_with_face += int(clip.has_face.sum())
-                report()
-                logger.info("%s: %d frames sampled, a face in %d", clip.clip_id, len(clip.timestamps),
-                            clip.has_face.sum())
+                summary.frames += len(result.timestamps)
+                summary.frames_with_face += int(result.has_face.sum())
+                logger.info("%s: %d frames sampled, a face in %d", result.clip_id, len(result.timestamps),
+                            result.has_face.sum())
+            report()
+        if writer is not None and not writer.n_clips:
+            raise _NoClipStored
     report()
     logger.info("%s: %d clips, %d frames, %d failed, in %.1f s", shard.name if summary.done else "(no shard)",
                 summary.done, summary.frames, len(summary.failures), time.monotonic() - started)
     return summary
+
+
+def _stored(writer: ShardWriter, clip: ClipFeatures) -> ClipFeatures | Failure:
+    """`clip` once the shard holds it, or its failure when the writer refuses its arrays (a
+    ValueError, and nothing of the clip written). Other errors of the writer stop the run: the
+    shard can then hold no clip more."""
+    try:
+        writer.add_clip(clip)
+    except ValueError as exc:
+        return clip_failure(clip.clip_id, Path(clip.source_path), StageError("store", exc))
+    return clip
 
 
 def _shard_clips(settings: ExtractSettings, pending: int) -> int:
@@ -479,17 +487,18 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
     """Extract every clip of the split that is not yet in the output folder."""
     started = time.monotonic()
     check_options(settings)
+    # Absolute, because Dask workers may run with another working folder (on a shared file system).
+    folder = check_output_folder(settings.folder.absolute(), "extract", settings.overwrite, writes_into_set)
     entries = _entries_to_extract(settings, progress, log)
     attrs = feature_attrs(settings)
-    # Absolute, because Dask workers may run with another working folder (on a shared file system).
-    folder = settings.folder.absolute()
     with only_writer(folder):
         done_ids = _check_same_settings(folder, attrs, settings.context_dtype, settings.save_crops)
-        known_failures = {f.clip_id: f for f in read_failures(folder) if f.stage == "decode"}
+        known_failures = {f.clip_id: f for f in failures_to_resume(folder, log)}
         unchanged = {
             e.clip_id
             for e in entries
-            if e.clip_id in known_failures and known_failures[e.clip_id].file_stamp == _file_stamp(e.path)
+            if e.clip_id in known_failures and known_failures[e.clip_id].file_stamp == file_stamp(e.path)
+            and e.clip_id not in done_ids
         }
         pending = [e for e in entries if e.clip_id not in done_ids and e.clip_id not in unchanged]
         summary = Summary(skipped=len(entries) - len(pending) - len(unchanged), earlier_failures=len(unchanged))
@@ -516,7 +525,7 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
                 if n_jobs != 1:
                     bar.update(result.done + len(result.failures))
                 write_index(folder)
-        _write_failures(folder, summary.failures)
+        write_failures(folder, summary.failures)
     summary.seconds = time.monotonic() - started
     return summary
 

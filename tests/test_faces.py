@@ -7,9 +7,10 @@ import pytest
 import torch
 import torchvision
 
+from extract.context_cnn import CONTEXT_SIZE, context_crops
 from extract.face_cnn import EXPRESSION_CLASSES, FaceCNN
 from extract.faces import (
-    FACE_CROP_SIZE, choose_main_face, crop_every_face, crop_squares, cut_squares, detect_downscaled,
+    FACE_CROP_SIZE, choose_main_face, crop_every_face, crop_squares, cut_squares, detect_downscaled, detect_every_kth,
 )
 from extract.retinaface import FaceDetections, RetinaFaceDetector
 from tests.media import ASTRONAUT_FACE_BOX, HEAD, moving_face, photo, read_clip, write_clip
@@ -117,3 +118,16 @@ def test_squares_cut_from_their_surroundings_equal_squares_cut_from_whole_frames
     whole = torchvision.ops.roi_align(frames.permute(0, 3, 1, 2).float(), rois, 32, sampling_ratio=-1, aligned=True)
     expected = whole.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(cut_squares(frames, squares, owners, 32), expected)
+
+
+@pytest.mark.parametrize("height, width", [(1, 10000), (10000, 1), (2, 10000), (10000, 2), (8, 8), (1, 1)])
+def test_frames_of_extreme_shapes_are_detected_tracked_and_cropped(detector, height, width):
+    """No face in them is a fine answer; a box from an earlier frame is followed and cropped (black outside)."""
+    frames = torch.full((4, height, width, 3), 128, dtype=torch.uint8)
+    assert [len(found.boxes) for found in detect_downscaled(detector, frames)] == [0, 0, 0, 0]
+    previous = faces(((0, 0, 50, 60), 0.9), ((-5, -5, 3, 3), 0.8))
+    tracked = detect_every_kth(detector, frames, 1, 3, previous)  # clip frames 1-4: 3 detected, the others tracked
+    assert [len(found.boxes) for found in tracked] == [0, 0, 0, 0]
+    crops, owners = crop_every_face(frames, [previous] * 4)
+    assert crops.shape == (8, FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and owners.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert context_crops(frames).shape == (4, CONTEXT_SIZE, CONTEXT_SIZE, 3)

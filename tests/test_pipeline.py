@@ -173,7 +173,7 @@ def test_batches_across_clips_do_not_change_the_features(dataset, weight_path):
     settings = ExtractSettings(split="train", manifest=dataset / "m.csv", context_backbone="mobilenet_v2", device="cpu")
     networks: Networks = load_networks(settings)
     small, large = (
-        list(embed_clips(entries, networks, ExtractSettings(**{**settings.__dict__, "batch_size": size}), []))
+        list(embed_clips(entries, networks, ExtractSettings(**{**settings.__dict__, "batch_size": size})))
         for size in (3, 64)
     )
     for a, b in zip(small, large):
