@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from features.layout import DEFAULT_ROOT
+from outputs import plain_name_problem
 from extract.settings import (
     BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_PRECISION,
     PRECISIONS,
@@ -34,6 +35,7 @@ USER_ERRORS = {
     "train.loop": "TrainError",
     "predict.predict": "PredictError",
     "demo.sample_set": "DemoError",
+    "outputs": "OutputError",
 }
 # Exit statuses scripts can rely on (documented in the README).
 EXIT_ERROR, EXIT_CLIPS_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 4, 130
@@ -107,6 +109,21 @@ def weights_group():
       python cli.py weights list
       python cli.py weights fetch
     """
+
+
+def plain_split(ctx, param, value):
+    """A split name is a folder of its own below the output: a plain name, never a path."""
+    problem = plain_name_problem(value) if value is not None else None
+    if problem:
+        raise click.BadParameter(f"{value!r} is not a plain name ({problem})")
+    return value
+
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="Write into an existing folder or file that this command did not make (entries of the names it writes"
+         " are replaced, nothing else is touched).",
+)
 
 
 cache_option = click.option(
@@ -183,10 +200,10 @@ def manifest_group():
     """
 
 
-def _write_built(entries, out: Path) -> None:
+def _write_built(entries, out: Path, overwrite: bool) -> None:
     from manifests.manifest import write_manifest
 
-    write_manifest(entries, out)
+    write_manifest(entries, out, replace=overwrite)
     splits = sorted({e.split for e in entries})
     counts = ", ".join(f"{split}: {sum(e.split == split for e in entries)}" for split in splits)
     click.echo(f"wrote {out} ({len(entries)} clips; {counts})")
@@ -204,7 +221,8 @@ dataset_root = click.option(
 @manifest_group.command(name="cheavd")
 @dataset_root
 @manifest_out
-def manifest_cheavd(root, out):
+@overwrite_option
+def manifest_cheavd(root, out, overwrite):
     """Build a manifest from a CHEAVD 2.0 style release: split folders plus label lists.
 
     Label lists may use English or Chinese class names (see manifests/README.md).
@@ -215,13 +233,14 @@ def manifest_cheavd(root, out):
     """
     from manifests.builders import build_cheavd
 
-    _write_built(build_cheavd(root), out)
+    _write_built(build_cheavd(root), out, overwrite)
 
 
 @manifest_group.command(name="folder")
 @dataset_root
 @manifest_out
-def manifest_folder(root, out):
+@overwrite_option
+def manifest_folder(root, out, overwrite):
     """Build a manifest from ROOT/SPLIT/LABEL/clip files (clips right under ROOT/SPLIT are unlabelled).
 
     \b
@@ -230,7 +249,7 @@ def manifest_folder(root, out):
     """
     from manifests.builders import build_folder
 
-    _write_built(build_folder(root), out)
+    _write_built(build_folder(root), out, overwrite)
 
 
 @manifest_group.command(name="check")
@@ -251,7 +270,8 @@ def manifest_check(manifest, split):
 
 
 @cli.command()
-@click.option("--split", required=True, help="Which split of the manifest to extract (train, val, test...).")
+@click.option("--split", required=True, callback=plain_split,
+              help="Which split of the manifest to extract (train, val, test...).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MANIFEST, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
               help="Output root; shards go to OUT/SPLIT/.")
@@ -280,12 +300,14 @@ def manifest_check(manifest, split):
                    " is faster, with features close to float32's (see benchmarks/README.md).")
 @click.option("--save-crops", is_flag=True, help="Also store the 128x128 face crops (about 49 KB a frame before compression).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@overwrite_option
 def extract(quiet, **options):
     """Stage 1: decode clips, find the main face, run the frozen CNNs, write HDF5 shards.
 
     Re-running the same command skips clips already in complete shards (resume after a crash
-    or kill); clips that cannot be decoded are listed in OUT/SPLIT/failures.csv. Exit status:
-    0 all clips done, 3 some clips failed (see failures.csv), 1 an error stopped the run.
+    or kill); a clip that fails (decoding, detection, the CNNs, storing) is listed in
+    OUT/SPLIT/failures.csv and the others go on. Exit status: 0 all clips done, 3 some clips
+    failed (see failures.csv), 1 an error stopped the run.
 
     Many machines: run part I of N on each (same manifest, files and options), then merge
     the parts; or send the work to a Dask cluster whose workers see the same files.
@@ -359,8 +381,9 @@ def features_validate(path):
 @features_group.command(name="merge")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the merged index (shards stay where they are).")
-def features_merge(folders, out):
+              help="Folder for the merged index (shards stay where they are); a set already there is kept in it.")
+@overwrite_option
+def features_merge(folders, out, overwrite):
     """One index over shard folders made on several machines (refuses incomparable or duplicate clips).
 
     \b
@@ -369,9 +392,10 @@ def features_merge(folders, out):
     """
     from features import tools as feature_tools
 
-    click.echo(f"wrote {feature_tools.merge(list(folders), out)}")
+    click.echo(f"wrote {feature_tools.merge(list(folders), out, overwrite=overwrite)}")
     for failures, clips in feature_tools.recorded_failures(out).items():
-        click.echo(f"note: {clips} clips of this set failed to extract; {failures} lists them")
+        listed = f"lists {clips} clips of this set that failed to extract" if isinstance(clips, int) else clips
+        click.echo(f"note: {failures} {listed}")
 
 
 @features_group.command(name="repack")
@@ -382,7 +406,8 @@ def features_merge(folders, out):
 @click.option("--compression", required=True, type=click.Choice(["none", "gzip"]),
               help="none: about 1.8x the disk space, read many times faster (train from a local copy);"
                    " gzip: the extractor's default, to share or archive.")
-def features_repack(source, out, compression):
+@overwrite_option
+def features_repack(source, out, compression, overwrite):
     """Copy a feature set with other compression: same values, attributes and clips; sets of either kind mix.
 
     SOURCE is a folder, a merged folder or one shard; the copy is a plain folder with an index.
@@ -396,7 +421,7 @@ def features_repack(source, out, compression):
     """
     from features import tools as feature_tools
 
-    click.echo(f"wrote {feature_tools.repack(source, out, compression, progress=True)}")
+    click.echo(f"wrote {feature_tools.repack(source, out, compression, progress=True, overwrite=overwrite)}")
 
 
 def training_options(command):
@@ -404,8 +429,8 @@ def training_options(command):
     options = [
         click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT,
                      show_default=True, help="Root holding one folder of shards per split (extract's --out)."),
-        click.option("--train-split", default="train", show_default=True),
-        click.option("--val-split", default="val", show_default=True),
+        click.option("--train-split", default="train", show_default=True, callback=plain_split),
+        click.option("--val-split", default="val", show_default=True, callback=plain_split),
         click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
@@ -429,8 +454,10 @@ def training_options(command):
               help="face, context, concat, parallel, caca (= caca-a), caca-b or c3d (the 2D-3D-CNN).")
 @training_options
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default: runs/MODEL-seedS).")
-def train(model, **options):
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default: runs/MODEL-seedS): new, empty, or an unfinished run of the same settings.")
+@overwrite_option
+def train(model, overwrite, **options):
     """Stage 2: train one of the paper's models on extracted features; keep the best epoch by val mAP.
 
     \b
@@ -442,13 +469,13 @@ def train(model, **options):
     from train.loop import train_model
 
     config = TrainConfig(model=ALIASES.get(model, model), **options)
-    best = train_model(config, log=click.echo)
+    best = train_model(config, log=click.echo, overwrite=overwrite)
     click.echo(f"best validation mAP {best.map:.4f}, accuracy {best.accuracy:.4f}; run in {config.run_folder}")
 
 
 @cli.command()
 @click.option("--run", "run_folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--split", required=True, help="Split to score (its features must match the run's).")
+@click.option("--split", required=True, callback=plain_split, help="Split to score (its features must match the run's).")
 @click.option("--features", type=click.Path(file_okay=False, path_type=Path),
               help="Feature root (default: the one the run was trained on).")
 @click.option("--device", help="cpu, cuda... (default: cuda when present, else cpu).")
@@ -476,13 +503,15 @@ def evaluate(run_folder, split, features, device):
 @click.option("--runs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Finished runs, two or more: --runs A B (or --runs A --runs B).")
 @click.argument("more_runs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--split", default="val", show_default=True, help="Labelled split the weights are fitted on.")
+@click.option("--split", default="val", show_default=True, callback=plain_split,
+              help="Labelled split the weights are fitted on.")
 @click.option("--features", type=click.Path(file_okay=False, path_type=Path),
               help="Feature root (default: each member's training one).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Ensemble folder (default: runs/ensemble-RUN_A+RUN_B...).")
 @click.option("--device", help="cpu, cuda... (default: cuda when present, else cpu).")
-def ensemble(runs, more_runs, split, features, out, device):
+@overwrite_option
+def ensemble(runs, more_runs, split, features, out, device, overwrite):
     """The paper's CACA-RNN+2D-3D-CNN: linearly weight trained runs' class probabilities.
 
     One weight per member, on a 0.05 grid of weights summing to 1 (a coordinate search on it
@@ -496,7 +525,7 @@ def ensemble(runs, more_runs, split, features, out, device):
     """
     from train.ensemble import fit_ensemble
 
-    folder = fit_ensemble([*runs, *more_runs], split, features, out, device)
+    folder = fit_ensemble([*runs, *more_runs], split, features, out, device, overwrite=overwrite)
     click.echo(f"ensemble weights and scores on {split} in {folder / 'ensemble.json'}")
 
 
@@ -506,10 +535,11 @@ def ensemble(runs, more_runs, split, features, out, device):
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds 0..N-1 per model.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Trainings at once (joblib).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_COMPARE, show_default=True)
-@click.option("--test-split", default=DEFAULT_TEST_SPLIT, show_default=True,
+@click.option("--test-split", default=DEFAULT_TEST_SPLIT, show_default=True, callback=plain_split,
               help="Split scored in Table II when its features exist and are labelled.")
 @training_options
-def compare(models, seeds, jobs, out, test_split, **options):
+@overwrite_option
+def compare(models, seeds, jobs, out, test_split, overwrite, **options):
     """The paper's Table I: every model with every seed, median validation mAP and accuracy.
 
     With caca and c3d among the models, also its Table II: their ensemble per seed (fitted on
@@ -529,7 +559,7 @@ def compare(models, seeds, jobs, out, test_split, **options):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--models") from None
     table = run_compare(TrainConfig(model=names[0], **options), names, seeds, out, jobs, log=click.echo,
-                        test_split=test_split)
+                        test_split=test_split, overwrite=overwrite)
     click.echo(table.read_text())
 
 
@@ -543,7 +573,8 @@ def compare(models, seeds, jobs, out, test_split, **options):
               help="Write one PNG per clip here: frames with the face used, attention over time, probabilities.")
 @click.option("--device", help="cpu, cuda... (default: cuda when present, else cpu).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def predict(run_folder, inputs, out, explain_dir, device, quiet):
+@overwrite_option
+def predict(run_folder, inputs, out, explain_dir, device, quiet, overwrite):
     """Classify raw videos (files, folders or a manifest CSV) with a trained run or ensemble.
 
     Videos are decoded, faces found and features computed exactly as for the run's training
@@ -557,7 +588,7 @@ def predict(run_folder, inputs, out, explain_dir, device, quiet):
     from predict.predict import predict_videos
 
     predictions, failures = predict_videos(run_folder, list(inputs), device, explain_dir, out, log=click.echo,
-                                          progress=not quiet)
+                                          progress=not quiet, overwrite=overwrite)
     click.echo(f"{len(predictions)} clips predicted, {len(failures)} failed; predictions in {out}"
                + (f", pictures in {explain_dir}" if explain_dir else ""))
     if failures:
@@ -567,7 +598,8 @@ def predict(run_folder, inputs, out, explain_dir, device, quiet):
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DEMO_OUT, show_default=True,
               help="Folder for the sample set, features, runs and summary.md.")
-def demo(out):
+@overwrite_option
+def demo(out, overwrite):
     """Run the whole toolkit on a small synthetic sample set made from real photos (about 2 minutes on 2 cores).
 
     Builds the clips, extracts them, trains face, context, concat, parallel and caca, and
@@ -581,7 +613,7 @@ def demo(out):
     """
     from demo.run import run_demo
 
-    run_demo(out, log=click.echo)
+    run_demo(out, log=click.echo, overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ from typing import Callable
 
 import torch
 
-from demo.sample_set import CLIPS_FOLDER, SPLITS, DemoError, SampleSetConfig, build_sample_set, plan_clips
+from demo.sample_set import (
+    BUILDING_FOLDER, CLIPS_FOLDER, MANIFEST_NAME, SPLITS, DemoError, SampleSetConfig, build_sample_set, plan_clips,
+)
 from extract import face_cnn, retinaface, weights
 from extract.settings import BACKBONES
 from extract.pipeline import ExtractSettings, extract_split
+from outputs import claim_folder, is_temporary, write_atomically
 from train.config import TrainConfig
 from train.loop import COMPLETE_MARK, evaluate_run, train_model
 from train.metrics import Metrics
@@ -32,6 +35,8 @@ MODELS = ("face", "context", "concat", "parallel", "caca")
 EPOCHS = 15
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 16
+SUMMARY_NAME = "summary.md"
+DEMO_ENTRIES = (CLIPS_FOLDER, BUILDING_FOLDER, MANIFEST_NAME, "features", "runs", "explain", SUMMARY_NAME)
 SYNTHETIC_NOTE = (
     "The demo set is synthetic (real photos, labels from a rule that needs both face and scene):"
     " these numbers are not emotion-recognition results."
@@ -128,16 +133,24 @@ def _write_summary(path: Path, results: dict[str, Metrics], timings: dict[str, f
         *_timings_table(timings),
         "",
     ]
-    path.write_text("\n".join(lines))
+    write_atomically(path, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
-def run_demo(out: Path, log: Callable[[str], None] = print) -> Path:
-    """Build, extract, train, evaluate; print the results and return the path of out/summary.md."""
-    out = Path(out)
+def writes_into_demo(name: str) -> bool:
+    """The names the demo writes in its folder."""
+    return name in DEMO_ENTRIES or is_temporary(name)
+
+
+def run_demo(out: Path, log: Callable[[str], None] = print, overwrite: bool = False) -> Path:
+    """Build, extract, train, evaluate; print the results and return the path of out/summary.md.
+
+    `out` must be new, empty or the demo's own (a second run reuses its work), unless `overwrite`.
+    """
+    out = claim_folder(Path(out), "demo", overwrite, writes_into_demo)
     timings: dict[str, float] = {}
     features = out / "features"
     with _timed("build the sample set", timings):
-        manifest = build_sample_set(out, DEMO_SET)
+        manifest = build_sample_set(out, DEMO_SET, overwrite=overwrite)
     log(f"sample set: {len(plan_clips(DEMO_SET))} clips in {out / CLIPS_FOLDER}, manifest {manifest}")
     extract_settings = [
         ExtractSettings(split=split, manifest=manifest, out=features, context_backbone=CONTEXT_BACKBONE) for split in SPLITS
@@ -155,7 +168,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print) -> Path:
         with _timed("evaluate on val", timings):
             for model in MODELS:
                 results[model] = evaluate_run(out / "runs" / model, "val", features=features)
-    summary = out / "summary.md"
+    summary = out / SUMMARY_NAME
     _write_summary(summary, results, timings, out)
     for line in [
         "",

@@ -41,6 +41,7 @@ BRIGHTNESS = (0.75, 1.25)
 
 MANIFEST_NAME = "manifest.csv"
 CLIPS_FOLDER = "clips"
+BUILDING_FOLDER = f".{CLIPS_FOLDER}-building"
 CONFIG_NAME = "sample-set.json"
 
 
@@ -242,26 +243,32 @@ def _with_record(entries: list[ClipEntry], plans: list[ClipPlan]) -> list[ClipEn
     ]
 
 
-def build_sample_set(out: Path, config: SampleSetConfig, progress: bool = True) -> Path:
+def build_sample_set(out: Path, config: SampleSetConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Make the clips in out/clips/SPLIT/LABEL/ and the manifest out/manifest.csv; returns its path.
 
     A complete set made with the same configuration is kept. Clips are made in a hidden folder
     that replaces out/clips only once all are written, and the manifest comes last, so an
-    interrupted build is never taken for a complete one.
+    interrupted build is never taken for a complete one. An out/clips that the demo did not make
+    (it has no CONFIG_NAME) is a user's: refused unless `overwrite`.
     """
     plans = plan_clips(config)
     manifest = out / MANIFEST_NAME
     if is_complete(out, config):
         return manifest
+    clips = out / CLIPS_FOLDER
+    if (clips.exists() or clips.is_symlink()) and not (clips / CONFIG_NAME).is_file() and not overwrite:
+        raise DemoError(f"{clips} was not made by the demo (it has no {CONFIG_NAME}): choose another --out, or pass"
+                        " --overwrite to replace it")
     photos = {name: face.photo.load() for name, face in FACES.items()}
     photos |= {name: photo.load() for name, photo in SCENES.items()}
-    building = out / f".{CLIPS_FOLDER}-building"
+    building = out / BUILDING_FOLDER
     shutil.rmtree(building, ignore_errors=True)
     for plan in tqdm(plans, desc="sample set", unit="clip", disable=not progress):
         write_video(building / plan.relative_path, render_clip(plan, config.seconds, photos))
     (building / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=1))
-    clips = out / CLIPS_FOLDER
     manifest.unlink(missing_ok=True)
+    if clips.is_symlink():
+        clips.unlink()  # the link itself: never what it points to
     shutil.rmtree(clips, ignore_errors=True)
     building.rename(clips)
     write_manifest(_with_record(build_folder(clips), plans), manifest)

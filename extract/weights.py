@@ -311,6 +311,8 @@ def load_state_dict_checked(model, path: Path, label: str) -> None:
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint for {label} ({type(exc).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise WeightsError(f"{path} is not a table of named tensors, as a checkpoint for {label} is")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from manifests.labels import UnknownLabel, canonical_label
+from manifests.spreadsheet import neutralised, restored
+from outputs import OutputError, plain_name_problem, write_atomically
 
 REQUIRED_COLUMNS = ("clip_id", "path", "label", "split")
 REBUILD_COMMANDS = "`python cli.py manifest cheavd --root DIR` (or `python cli.py manifest folder --root DIR`)"
@@ -93,11 +94,13 @@ def missing_file_problems(entries: Iterable[ClipEntry]) -> list[str]:
     return [f"line {e.line}: clip {e.clip_id!r}: file not found: {e.path}" for e in entries if not e.path.is_file()]
 
 
-def write_manifest(entries: Iterable[ClipEntry], path: str | os.PathLike) -> None:
+def write_manifest(entries: Iterable[ClipEntry], path: str | os.PathLike, replace: bool = True) -> None:
     """Write `entries` as a manifest at `path`, atomically: a reader never sees a half-written file.
 
     Paths inside the manifest's folder are written relative to it, so the folder can be moved
-    or shared as a whole; others are written absolute.
+    or shared as a whole; others are written absolute. Cells a spreadsheet would run as a
+    formula are neutralised (`manifests.spreadsheet`; reading restores them). With `replace`
+    False, an existing file with other content is refused (OutputError) rather than replaced.
     """
     path = Path(path).absolute()
     entries = list(entries)
@@ -115,17 +118,18 @@ def write_manifest(entries: Iterable[ClipEntry], path: str | os.PathLike) -> Non
         }
         for entry in entries
     ]
-    frame = pd.DataFrame(records, columns=[*REQUIRED_COLUMNS, *extra_columns]).fillna("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    frame = pd.DataFrame(records, columns=[*REQUIRED_COLUMNS, *extra_columns]).fillna("").astype(str)
+    text = frame.apply(lambda column: column.map(neutralised)).to_csv(index=False, lineterminator="\n")
+    if not replace and path.exists() and _text_of(path) != text:
+        raise OutputError(f"{path} exists with other content: choose another --out, or pass --overwrite to replace it")
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _text_of(path: Path) -> str | None:
     try:
-        frame.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes private files; manifests are shared
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _load_frame(path: Path) -> tuple[pd.DataFrame | None, list[str]]:
@@ -157,7 +161,8 @@ def _data_rows(frame: pd.DataFrame) -> Iterable[tuple[int, dict[str, str]]]:
     """(line number, row) for each non-blank data row, required cells stripped of whitespace."""
     for index, record in enumerate(frame.to_dict("records")):
         if any(value.strip() for value in record.values()):
-            yield index + 2, {k: v.strip() if k in REQUIRED_COLUMNS else v for k, v in record.items()}
+            record = {k: restored(v.strip() if k in REQUIRED_COLUMNS else v) for k, v in record.items()}
+            yield index + 2, record
 
 
 def _missing_column_problems(columns: Sequence[str]) -> list[str]:
@@ -193,6 +198,9 @@ def _entry_from_row(line: int, row: dict[str, str], folder: Path) -> tuple[ClipE
     for column in ("path", "split"):
         if column in row and not row[column]:
             problems.append(f"{where}: empty {column}")
+    split_problem = plain_name_problem(row.get("split", "")) if row.get("split") else None
+    if split_problem:
+        problems.append(f"{where}: split {row['split']!r} cannot name a folder ({split_problem})")
     label = None
     try:
         label = canonical_label(row.get("label", ""))

@@ -19,7 +19,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from extract.video import sample_frames
-from train.metrics import write_atomically
+from outputs import write_atomically
 
 if TYPE_CHECKING:  # predict.predict imports this module
     from predict.predict import Prediction

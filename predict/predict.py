@@ -1,15 +1,15 @@
 """Predict the emotion of raw videos with a trained run, extracting them exactly as its features were.
 
-The extraction settings come from the run (RUN/features.json), never from the command line, and
-this machine's weights are checked against the hashes the run's features were made with: a
-model is only as good as the features it learnt from, and features made another way would give
-predictions that are wrong without saying so. Frames without a face follow the training policy
-(train/data.py), so a clip with no face at all is still predicted.
+The extraction settings come from the run (the attributes of its training features, which its
+checkpoint holds), never from the command line, and this machine's weights are checked against
+the hashes the run's features were made with: a model is only as good as the features it learnt
+from, and features made another way would give predictions that are wrong without saying so.
+Frames without a face follow the training policy (train/data.py), so a clip with no face at all
+is still predicted.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +22,35 @@ from torch import nn
 from tqdm import tqdm
 
 from devices import resolve_device
-from extract import retinaface
-from extract.settings import BACKBONES
-from extract.pipeline import ExtractSettings, Failure, embed_clips, load_networks, setting_attrs
+from extract import face_cnn, retinaface
+from extract.settings import BACKBONES, PRECISIONS
+from extract.pipeline import ExtractSettings, embed_clips, load_networks, setting_attrs
 from extract.runtime import keep_freed_memory_for_reuse
-from features.schema import SOURCE_ATTRS, ClipFeatures, comparable, with_setting_defaults
+from extract.video import VideoError
+from features.failures import Failure, file_stamp, one_line
+from features.schema import (
+    CONTEXT_DTYPES, SOURCE_ATTRS, ClipFeatures, comparable, is_int, is_positive_number, shown, with_setting_defaults,
+)
 from features.writer import shard_attrs
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
 from manifests.manifest import ClipEntry, read_manifest
+from manifests.spreadsheet import neutralised
+from outputs import OutputError, claim_folder, create_new_file, output_paths, same_file, write_atomically
 from predict.explain import explain_clip, thumbnails
 from train.data import UNLABELLED, clip_steps, collate, step_frames_mask
 from train.loop import COMPLETE_MARK, load_run, model_inputs
-from train.metrics import PROBABILITY_PREFIX, write_atomically
+from train.metrics import PROBABILITY_PREFIX
 from train.models import CascadeAttentionRNN
 
-RUN_ATTRS_FILE = "features.json"
 # ExtractSettings names a split; prediction writes no shards, so this name is never a folder.
 PREDICTION_SPLIT = "predict"
 MANIFEST_SUFFIX = ".csv"
+PREDICTIONS_HEADER = "clip_id,path,predicted,"
+# In a folder of explanation pictures: says predict made it, so a later predict may write there again.
+EXPLAIN_MARK = ".caca-rnn-explain"
+PICTURE_SUFFIX = ".png"
+# A predicted clip whose picture could not be made fails at this stage (predict writes no failures.csv).
+EXPLAIN_STAGE = "explain"
 
 
 class PredictError(Exception):
@@ -57,33 +68,32 @@ class Prediction:
     attention: np.ndarray | None  # (second-RNN steps, first-RNN steps) for the CACA models
 
 
-def run_attrs(run: Path) -> dict:
-    """The attributes of the features the run was trained on."""
+def finished_run(run: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The run's model and checkpoint (`train.loop.load_run`), once the run is known to be finished."""
     if not (run / COMPLETE_MARK).is_file():
         raise PredictError(
             f"{run} is not a finished training run (no {COMPLETE_MARK}): train one with `python cli.py train`"
         )
-    return json.loads((run / RUN_ATTRS_FILE).read_text())
+    return load_run(run, device)
 
 
-def detector_backbone_of(run: Path, weight_name: str) -> str:
-    for backbone, variant in retinaface.VARIANTS.items():
-        if variant.weight_name == weight_name:
-            return backbone
-    raise PredictError(f"{run / RUN_ATTRS_FILE}: unknown face detector weight {weight_name!r}")
+def detector_backbone_of(weight_name: str) -> str:
+    """The RetinaFace backbone whose weights are `weight_name` (one `extraction_problem` has checked)."""
+    return next(backbone for backbone, variant in retinaface.VARIANTS.items() if variant.weight_name == weight_name)
 
 
-def settings_from_run(run: Path, device: str | None) -> ExtractSettings:
-    """The run's extraction settings, after checking this machine would extract the same way."""
-    run = Path(run)
-    attrs = with_setting_defaults(run_attrs(run))
-    if attrs["context_backbone"] not in BACKBONES:
-        raise PredictError(f"{run / RUN_ATTRS_FILE}: unknown context backbone {attrs['context_backbone']!r}")
+def settings_from_run(run: Path, run_attrs: dict, device: str | None) -> ExtractSettings:
+    """The extraction settings of the run's features (its checkpoint's attributes), after checking
+    this machine would extract the same way."""
+    attrs = with_setting_defaults(run_attrs)
+    problem = extraction_problem(attrs)
+    if problem:
+        raise PredictError(f"{run}: the features it was trained on {problem}; retrain the run")
     settings = ExtractSettings(
         split=PREDICTION_SPLIT,
         fps=attrs["fps"],
         context_backbone=attrs["context_backbone"],
-        detector_backbone=detector_backbone_of(run, attrs["detector"]),
+        detector_backbone=detector_backbone_of(attrs["detector"]),
         detector_threshold=attrs["detector_threshold"],
         detect_every=attrs["detect_every"],
         device=device,
@@ -94,6 +104,24 @@ def settings_from_run(run: Path, device: str | None) -> ExtractSettings:
     )
     check_same_extraction(run, attrs, settings)
     return settings
+
+
+def extraction_problem(attrs: dict) -> str | None:
+    """What in a run's feature attributes no extraction here could be set to (None when all can)."""
+    if not is_positive_number(attrs.get("fps")):
+        return f"have no positive fps ({shown(attrs.get('fps'))})"
+    threshold = attrs.get("detector_threshold")
+    if not (is_positive_number(threshold) and threshold < 1):
+        return f"have no detector threshold between 0 and 1 ({shown(threshold)})"
+    if not (is_int(attrs.get("detect_every")) and attrs["detect_every"] >= 1):
+        return f"have no detect_every of 1 or more ({shown(attrs.get('detect_every'))})"
+    choices = {"context_backbone": BACKBONES, "context_dtype": CONTEXT_DTYPES, "precision": PRECISIONS,
+               "detector": [variant.weight_name for variant in retinaface.VARIANTS.values()],
+               "face_backbone": [face_cnn.WEIGHT_NAME]}
+    for key, known in choices.items():
+        if not isinstance(attrs.get(key), str) or attrs[key] not in known:
+            return f"name {key} {shown(attrs.get(key))}, which this toolkit does not have ({', '.join(known)})"
+    return None
 
 
 def weight_names(attrs: dict) -> dict[str, str]:
@@ -109,7 +137,8 @@ def check_same_extraction(run: Path, attrs: dict, settings: ExtractSettings) -> 
     """Refuse a run whose features this machine would not reproduce (other weights or settings)."""
     # Where the run's clips came from is no setting; it is copied so the attributes are built
     # exactly as the extractor builds a shard's.
-    here = shard_attrs({**{key: attrs[key] for key in SOURCE_ATTRS}, **setting_attrs(settings)}, settings.context_dtype)
+    here = shard_attrs({**{key: attrs.get(key, "") for key in SOURCE_ATTRS}, **setting_attrs(settings)},
+                       settings.context_dtype)
     names = weight_names(here)
     problems = [
         f"weight {names[key]} here has sha256 {here[key]}, the run's features were made with {attrs.get(key)}"
@@ -219,7 +248,7 @@ def write_predictions_csv(path: Path, predictions: list[Prediction], classes: li
     columns = ["clip_id", "path", "predicted", *(f"{PROBABILITY_PREFIX}{name}" for name in classes),
                "frames", "frames_with_face"]
     rows = [
-        {"clip_id": p.clip_id, "path": p.path, "predicted": p.predicted,
+        {"clip_id": neutralised(p.clip_id), "path": neutralised(p.path), "predicted": neutralised(p.predicted),
          **{f"{PROBABILITY_PREFIX}{name}": p.probabilities[name] for name in classes},
          "frames": p.frames, "frames_with_face": p.frames_with_face}
         for p in predictions
@@ -229,9 +258,37 @@ def write_predictions_csv(path: Path, predictions: list[Prediction], classes: li
     return Path(path)
 
 
-def explanation_path(explain_dir: Path, clip_id: str) -> Path:
-    """The clip's picture, in the same subfolders as its id, so pictures never collide."""
-    return Path(explain_dir) / f"{clip_id}.png"
+def picture_paths(explain_dir: Path, entries: list[ClipEntry]) -> dict[str, Path]:
+    """Each clip's picture: in the same subfolders as its id, inside `explain_dir` whatever the id
+    holds, never two clips in one file (`outputs.output_paths`)."""
+    relative = output_paths([entry.clip_id for entry in entries], PICTURE_SUFFIX)
+    return {clip_id: Path(explain_dir) / path for clip_id, path in relative.items()}
+
+
+def check_outputs(inputs: list[Path], entries: list[ClipEntry], out_csv: Path | None, explain_dir: Path | None,
+                  overwrite: bool) -> None:
+    """The predictions file is no input, and no file of a user's unless `overwrite`; the pictures
+    go to a folder that is new, empty or made by predict, unless `overwrite`."""
+    if out_csv is not None:
+        given = [*inputs, *(entry.path for entry in entries)]
+        if any(same_file(out_csv, path) for path in given if Path(path).is_file()):
+            raise PredictError(f"--out {out_csv} is one of the inputs; choose another file for the predictions")
+        if Path(out_csv).exists() and not overwrite and not is_predictions_file(Path(out_csv)):
+            raise OutputError(f"{out_csv} exists and is not a predictions file of predict: choose another --out, or"
+                              " pass --overwrite to replace it")
+    if explain_dir is not None:
+        made_here = (Path(explain_dir) / EXPLAIN_MARK).is_file()
+        claim_folder(Path(explain_dir), "predict --explain", overwrite, lambda name: made_here)
+        create_new_file(Path(explain_dir) / EXPLAIN_MARK, "pictures of `python cli.py predict --explain`\n")
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether `path` is a CSV file that predict wrote (its header), which a new run may replace."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline(len(PREDICTIONS_HEADER)) == PREDICTIONS_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def predict_videos(
@@ -242,35 +299,46 @@ def predict_videos(
     out_csv: Path | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[list[Prediction], list[Failure]]:
-    """Predict every video of `inputs` with `run`; videos that cannot be read are returned as failures."""
+    """Predict every video of `inputs` with `run`; videos whose extraction fails are returned as failures.
+
+    Existing files of the user's are never replaced unless `overwrite` (`check_outputs`).
+    """
     run = Path(run)
-    settings = settings_from_run(run, device)
+    model, checkpoint = finished_run(run, resolve_device(device))
     entries = collect_videos(inputs)
-    model, checkpoint = load_run(run, resolve_device(device))
+    check_outputs(inputs, entries, out_csv, explain_dir, overwrite)
+    settings = settings_from_run(run, checkpoint["attrs"], device)
+    pictures = picture_paths(explain_dir, entries) if explain_dir is not None else {}
     classes, model_name = list(checkpoint["classes"]), checkpoint["config"]["model"]
     keep_freed_memory_for_reuse()
     networks = load_networks(settings)
     predictions: list[Prediction] = []
     failures: list[Failure] = []
-    logged = 0
     bar = tqdm(total=len(entries), unit="clip", desc="predict", disable=not progress)
     log = above_bar(log)
-    for clip in embed_clips(entries, networks, settings, failures):
-        logged = log_failures(failures, logged, log)
+    for clip in embed_clips(entries, networks, settings):
+        bar.update()
+        if isinstance(clip, Failure):
+            failures.append(clip)
+            log(f"{clip.clip_id}: not predicted: {clip.error}")
+            continue
         prediction = prediction_of(clip, *classify(model, clip, settings.context_dtype), classes)
         predictions.append(prediction)
         log(describe(prediction))
-        bar.update(len(predictions) + len(failures) - bar.n)
         if explain_dir is not None:
-            explain_clip(
-                explanation_path(explain_dir, clip.clip_id),
-                thumbnails(Path(clip.source_path), settings.fps, len(clip.timestamps)),
-                clip.timestamps, clip.box, prediction, classes, model_name, attended_stream(model),
-                step_frames(clip.has_face),
-            )
-    log_failures(failures, logged, log)
-    bar.update(len(predictions) + len(failures) - bar.n)
+            try:
+                explain_clip(
+                    pictures[clip.clip_id],
+                    thumbnails(Path(clip.source_path), settings.fps, len(clip.timestamps)),
+                    clip.timestamps, clip.box, prediction, classes, model_name, attended_stream(model),
+                    step_frames(clip.has_face),
+                )
+            except (VideoError, OSError) as exc:  # the video changed since it was read, or the disk is full
+                failures.append(Failure(clip.clip_id, clip.source_path, EXPLAIN_STAGE, one_line(str(exc)),
+                                        file_stamp(Path(clip.source_path))))
+                log(f"{clip.clip_id}: picture not written: {exc}")
     bar.close()
     if out_csv is not None:
         write_predictions_csv(out_csv, predictions, classes)
@@ -285,10 +353,3 @@ def above_bar(log: Callable[[str], None]) -> Callable[[str], None]:
             log(line)
 
     return write
-
-
-def log_failures(failures: list[Failure], logged: int, log: Callable[[str], None]) -> int:
-    """Log the failures after the first `logged`; returns how many are logged now."""
-    for failure in failures[logged:]:
-        log(f"{failure.clip_id}: not predicted: {failure.error}")
-    return len(failures)

@@ -11,9 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from click.testing import CliRunner
 from PIL import Image
 
+import cli as cli_module
 from extract.pipeline import ExtractSettings, extract_split
+from extract.retinaface import RetinaFaceDetector
+from extract.video import VideoError
 from manifests.builders import build_folder
 from manifests.manifest import write_manifest
 from predict.explain import THUMBNAIL_SIDE, explain_clip, frames_to_show, thumbnails
@@ -165,9 +170,9 @@ def test_an_ensemble_with_c3d_predicts_videos_as_evaluate_scores_their_features(
 
 def test_a_run_made_with_other_detector_weights_is_refused(run, videos, tmp_path):
     copy = shutil.copytree(run, tmp_path / "run")
-    attrs = json.loads((copy / "features.json").read_text())
-    attrs["detector_weights_sha256"] = "0" * 64
-    (copy / "features.json").write_text(json.dumps(attrs))
+    checkpoint = torch.load(copy / "best.pt", weights_only=True)
+    checkpoint["attrs"]["detector_weights_sha256"] = "0" * 64
+    torch.save(checkpoint, copy / "best.pt")
     named = r"weight retinaface-mobilenet0\.25 here has sha256 [0-9a-f]{64}, the run's .* 0{64}"
     with pytest.raises(PredictError, match=named) as refused:
         predict_videos(copy, [videos], device="cpu", log=quiet)
@@ -223,3 +228,63 @@ def test_the_predict_command_reports_each_clip_and_exits_3_when_some_failed(run,
     assert done.returncode == 3, done.stderr
     assert "3 clips predicted, 2 failed" in done.stdout and "empty.mp4" in done.stdout
     assert "Traceback" not in done.stderr and (tmp_path / "p.csv").exists()
+
+
+def test_an_extreme_frame_shape_is_predicted_and_an_error_in_one_clip_fails_only_it(run, videos, tmp_path,
+                                                                                  monkeypatch):
+    strip = np.broadcast_to(np.linspace(0, 255, 10000).astype(np.uint8)[None, :, None], (2, 10000, 3))
+    write_clip(tmp_path / "strip.mp4", [strip.copy()] * 5, pix_fmt="yuv444p")
+    write_clip(tmp_path / "grey.mp4", [np.full((360, 640, 3), 128, np.uint8)] * 5)
+    real_detect = RetinaFaceDetector.detect
+
+    def detect(detector, frames):
+        """The real detector, raising as a broken library might on the grey clip's frames."""
+        if torch.as_tensor(frames).float().std() < 1.0:
+            raise RuntimeError("poisoned")
+        return real_detect(detector, frames)
+
+    monkeypatch.setattr(RetinaFaceDetector, "detect", detect)
+    inputs = [str(videos / "coffee.mp4"), str(tmp_path / "strip.mp4"), str(tmp_path / "grey.mp4")]
+    done = CliRunner().invoke(cli_module.cli, ["predict", "--run", str(run), "--out", str(tmp_path / "p.csv"),
+                                               "--explain", str(tmp_path / "pictures"), "--quiet", *inputs])
+    assert done.exit_code == 3, done.output
+    assert "2 clips predicted, 1 failed" in done.output
+    assert [line for line in done.output.splitlines() if "grey.mp4" in line] == [
+        "grey.mp4: not predicted: RuntimeError: poisoned"]
+    assert sorted(p.name for p in (tmp_path / "pictures").glob("*.png")) == ["coffee.mp4.png", "strip.mp4.png"]
+
+
+def test_pictures_of_crafted_clip_ids_stay_in_the_folder_and_never_collide(run, videos, tmp_path):
+    crafted = ["../../escaped", str(tmp_path / "absolute"), "sub/../../up", "Same", "same", "line\nbreak", "=formula"]
+    manifest = tmp_path / "clips.csv"
+    pd.DataFrame({"clip_id": crafted, "path": [str(videos / "cat.mp4")] * len(crafted), "label": "",
+                  "split": "test"}).to_csv(manifest, index=False)
+    pictures = tmp_path / "deep" / "pictures"
+    predictions, failures = predict_videos(run, [manifest], device="cpu", explain_dir=pictures,
+                                           out_csv=tmp_path / "p.csv", log=quiet)
+    assert failures == [] and sorted(p.clip_id for p in predictions) == sorted(crafted)
+    written = sorted(path for path in tmp_path.rglob("*.png"))
+    assert all(path.is_relative_to(pictures) for path in written)
+    assert len({str(path).casefold() for path in written}) == len(crafted), "one picture each, whatever the case"
+    cells = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)["clip_id"]
+    assert "'=formula" in set(cells) and not any(cell.startswith("=") for cell in cells)
+
+
+def test_a_picture_that_cannot_be_made_fails_its_clip_and_the_rest_go_on(run, videos, tmp_path, monkeypatch):
+    import predict.predict as predict_module
+
+    real_thumbnails = predict_module.thumbnails
+
+    def thumbnails(video, fps, count):
+        if video.name == "cat.mp4":
+            raise VideoError(f"{video}: decoding failed after 3 frames (changed since it was read?)")
+        return real_thumbnails(video, fps, count)
+
+    monkeypatch.setattr(predict_module, "thumbnails", thumbnails)
+    lines = []
+    predictions, failures = predict_videos(run, [videos / "cat.mp4", videos / "coffee.mp4"], device="cpu",
+                                           explain_dir=tmp_path / "pictures", log=lines.append)
+    assert sorted(p.clip_id for p in predictions) == ["cat.mp4", "coffee.mp4"]
+    assert [(f.clip_id, f.stage) for f in failures] == [("cat.mp4", "explain")]
+    assert sum("cat.mp4: picture not written" in line for line in lines) == 1
+    assert sorted(p.name for p in (tmp_path / "pictures").glob("*.png")) == ["coffee.mp4.png"]

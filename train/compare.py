@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
+import math
 import os
+import re
 from pathlib import Path
 from statistics import median
 from typing import Callable
@@ -26,9 +28,12 @@ import torch
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from train.config import DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TrainConfig
+from outputs import claim_folder, is_temporary, write_atomically
+from train.config import DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TRAINABLE_MODELS, TrainConfig
 from train.ensemble import fit_ensemble
-from train.loop import COMPLETE_MARK, evaluate_run, open_split, train_model
+from train.loop import (
+    COMPLETE_MARK, CONFIG_FILE, TrainError, evaluate_run, open_split, read_json_object, train_model,
+)
 from train.models import build_model, paper_parameter_count, parameter_counts, parameter_report
 
 # Table I: validation mAP and accuracy (%) on MEC 2017, median of five seeds.
@@ -51,52 +56,86 @@ PAPER_TABLE_II = {
 }
 ENSEMBLED = ("caca", SPATIOTEMPORAL)
 NOT_IN_PAPER = "-"
+TABLE_FILES = ("table.md", "table.csv", "table-ii.csv", "parameters.txt")
+RUN_FOLDER = re.compile(rf"({'|'.join(map(re.escape, (*TRAINABLE_MODELS, 'ensemble')))})-seed\d+")
 
 
-def _train_one(config: TrainConfig, threads: int) -> None:
+def writes_into_comparison(name: str) -> bool:
+    """The names `compare` writes in its folder: its tables and one folder per run and ensemble."""
+    return name in TABLE_FILES or RUN_FOLDER.fullmatch(name) is not None or is_temporary(name)
+
+
+def _train_one(config: TrainConfig, threads: int, overwrite: bool) -> None:
     torch.set_num_threads(threads)
-    train_model(config, progress=False)
+    train_model(config, progress=False, overwrite=overwrite)
 
 
 def run_compare(
     base: TrainConfig, models: list[str], seeds: int, out: Path = DEFAULT_COMPARE, jobs: int = 1,
-    log: Callable[[str], None] = print, test_split: str = DEFAULT_TEST_SPLIT,
+    log: Callable[[str], None] = print, test_split: str = DEFAULT_TEST_SPLIT, overwrite: bool = False,
 ) -> Path:
-    """Train what is missing, then write the table; returns the Markdown table's path."""
+    """Train what is missing, then write the table; returns the Markdown table's path.
+
+    A finished run in `out` is reused when it was trained with the same settings; one trained
+    otherwise is refused (it would make the table mix settings), or retrained with `overwrite`.
+    """
+    claim_folder(out, "compare", overwrite, writes_into_comparison)
     configs = [
         dataclasses.replace(base, model=model, seed=seed, out=out / f"{model}-seed{seed}")
         for model in models
         for seed in range(seeds)
     ]
-    pending = [c for c in configs if not (c.run_folder / COMPLETE_MARK).exists()]
+    pending = [c for c in configs if not finished_as(c, overwrite)]
     log(f"{len(configs) - len(pending)} of {len(configs)} runs already finished; training {len(pending)}")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
         for config in pending:
             log(f"training {config.model}, seed {config.seed}")
-            train_model(config, progress=True, log=log)
+            train_model(config, progress=True, log=log, overwrite=overwrite)
     else:
         runs = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            delayed(_train_one)(config, threads) for config in pending
+            delayed(_train_one)(config, threads, overwrite) for config in pending
         )
         for _ in tqdm(runs, total=len(pending), unit="run", desc=f"compare, {jobs} at once"):
             pass
-    table = write_table(base, models, seeds, out)
+    lines = table_i(base, models, seeds, out)
     if all(model in models for model in ENSEMBLED):
         fit_missing_ensembles(base, seeds, out, log)
-        append_table_ii(base, seeds, out, test_split)
+        lines += table_ii(base, seeds, out, test_split)
+    table = out / "table.md"
+    write_atomically(table, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return table
 
 
+def finished_as(config: TrainConfig, overwrite: bool) -> bool:
+    """Whether the run folder holds a finished run of `config` (reused); TrainError when it holds one
+    trained with other settings, unless `overwrite` (then it is trained again)."""
+    folder = config.run_folder
+    if not (folder / COMPLETE_MARK).exists():
+        return False
+    stored = read_json_object(folder / CONFIG_FILE)
+    differences = config.differences(stored) if stored is not None else [f"{CONFIG_FILE} unreadable"]
+    if differences and not overwrite:
+        raise TrainError(f"{folder} is a finished run of other settings ({'; '.join(differences)}): use another"
+                         " --out, or pass --overwrite to train it again")
+    return not differences
+
+
 def _run_scores(folder: Path) -> tuple[float, float]:
-    metrics = json.loads((folder / COMPLETE_MARK).read_text())
-    return metrics["map"] * 100, metrics["accuracy"] * 100
+    """(mAP %, accuracy %) of a finished run or ensemble, from its metrics.json."""
+    metrics = read_json_object(folder / COMPLETE_MARK) or {}
+    scores = [metrics.get(key) for key in ("map", "accuracy")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+               for v in scores):
+        raise TrainError(f"{folder / COMPLETE_MARK}: no mAP and accuracy between 0 and 1; train the run again")
+    return scores[0] * 100, scores[1] * 100
 
 
 def _table(csv_path: Path, header: list[str], rows: list[list[str]]) -> list[str]:
     """Write the rows as CSV; return them as Markdown lines (after a blank line)."""
-    with open(csv_path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    write_atomically(csv_path, lambda tmp: tmp.write_text(text.getvalue()))
     return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
@@ -104,7 +143,8 @@ def _spread(values: list[float]) -> str:
     return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def write_table(base: TrainConfig, models: list[str], seeds: int, out: Path) -> Path:
+def table_i(base: TrainConfig, models: list[str], seeds: int, out: Path) -> list[str]:
+    """Table I's lines for table.md (writing table.csv and parameters.txt beside it)."""
     with open_split(base.features, base.train_split) as features:
         context_dim, classes = int(features.attrs["context_dim"]), len(features.attrs["classes"])
     header = ["model", "val mAP % median (min-max)", "val acc % median (min-max)", "params",
@@ -122,9 +162,9 @@ def write_table(base: TrainConfig, models: list[str], seeds: int, out: Path) -> 
         " parameters.txt beside this table says how our parameter counts differ from the paper's.",
         *_table(out / "table.csv", header, rows),
     ]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "parameters.txt").write_text(parameter_report(context_dim, classes) + "\n")
-    return out / "table.md"
+    report = parameter_report(context_dim, classes) + "\n"
+    write_atomically(out / "parameters.txt", lambda tmp: tmp.write_text(report))
+    return lines
 
 
 def ensemble_folder(out: Path, seed: int) -> Path:
@@ -145,8 +185,8 @@ def labelled_split_scores(folder: Path, base: TrainConfig, test_split: str) -> t
     return None if metrics is None else (metrics.map * 100, metrics.accuracy * 100)
 
 
-def append_table_ii(base: TrainConfig, seeds: int, out: Path, test_split: str) -> None:
-    """Table II's rows (c3d, caca, their ensemble) under Table I in table.md, and as table-ii.csv."""
+def table_ii(base: TrainConfig, seeds: int, out: Path, test_split: str) -> list[str]:
+    """Table II's lines (c3d, caca, their ensemble) for table.md, under Table I (writing table-ii.csv)."""
     has_test = (Path(base.features) / test_split).is_dir()
     folders = {model: [out / f"{model}-seed{seed}" for seed in range(seeds)] for model in (SPATIOTEMPORAL, "caca")}
     folders[ENSEMBLE_ROW] = [ensemble_folder(out, seed) for seed in range(seeds)]
@@ -167,5 +207,4 @@ def append_table_ii(base: TrainConfig, seeds: int, out: Path, test_split: str) -
         " submission each (MEC 2017), and it gives no 2D-3D-CNN alone.",
         *_table(out / "table-ii.csv", header, rows),
     ]
-    with open(out / "table.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines

@@ -11,8 +11,6 @@ from pathlib import Path
 
 from features.layout import DEFAULT_ROOT
 
-from features.layout import DEFAULT_ROOT
-
 DEFAULT_RUNS = Path("runs")
 DEFAULT_COMPARE = DEFAULT_RUNS / "compare"
 DEFAULT_TEST_SPLIT = "test"
@@ -24,6 +22,8 @@ TRAINABLE_MODELS = (*MODEL_NAMES, SPATIOTEMPORAL)
 ALIASES = {"caca-a": "caca"}
 
 PRELOAD_CHOICES = ("auto", "always", "never")
+# How a run is carried out, not what it learns: a run with other values of these is the same run.
+RUNTIME_FIELDS = ("out", "device", "num_workers", "preload")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,13 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def differences(self, stored: dict) -> list[str]:
+        """How a run's stored config.json differs from this config in what decides the result."""
+        mine = {k: v for k, v in self.to_json().items() if k not in RUNTIME_FIELDS}
+        missing = "(missing)"
+        return [f"{key} {stored.get(key, missing)!r} there, {value!r} here"
+                for key, value in mine.items() if stored.get(key, missing) != value]
 
 
 def parse_models(text: str) -> list[str]:

@@ -26,21 +26,28 @@ from pathlib import Path
 import numpy as np
 
 from devices import resolve_device
+from outputs import check_output_folder, is_temporary, same_file
 from train.config import DEFAULT_RUNS
 from train.data import UNLABELLED
 from train.loop import (
-    COMPLETE_MARK, ENSEMBLE_FILE, TrainError, check_comparable, labelled_metrics, load_run,
+    COMPLETE_MARK, ENSEMBLE_FILE, EVAL_PREFIX, TrainError, check_comparable, labelled_metrics, load_run,
     split_probabilities, write_json,
 )
 from train.metrics import Metrics
 
 WEIGHT_STEP = 0.05
+ENSEMBLE_FILES = (ENSEMBLE_FILE, "features.json", COMPLETE_MARK)
 MAX_GRID_MEMBERS = 3
 EVAL_BATCH_SIZE = 64
 
 
 def default_folder(runs: list[Path]) -> Path:
     return DEFAULT_RUNS / f"ensemble-{'+'.join(Path(run).name for run in runs)}"
+
+
+def writes_into_ensemble(name: str) -> bool:
+    """The names an ensemble (and `evaluate` of it) writes in its folder."""
+    return name in ENSEMBLE_FILES or name.startswith(EVAL_PREFIX) or is_temporary(name)
 
 
 def check_member(run: Path, checkpoint: dict, first_run: Path, first: dict) -> None:
@@ -97,13 +104,24 @@ def mixed(probabilities: list[np.ndarray], weights) -> np.ndarray:
 
 
 def fit_ensemble(runs: list[Path], split: str = "val", features: Path | None = None, out: Path | None = None,
-                 device: str | None = None) -> Path:
-    """Fit the members' weights on `split`, write the ensemble folder; returns it."""
+                 device: str | None = None, overwrite: bool = False) -> Path:
+    """Fit the members' weights on `split`, write the ensemble folder; returns it.
+
+    The folder must be new, empty or an unfinished ensemble, unless `overwrite`; members
+    are training runs, never the folder itself.
+    """
     if len(runs) < 2:
         raise TrainError("an ensemble needs at least two runs")
     folder = Path(out or default_folder(runs))
-    if (folder / COMPLETE_MARK).exists():
-        raise TrainError(f"{folder} already holds a finished ensemble; choose another --out or delete it")
+    for run in runs:
+        if same_file(run, folder):
+            raise TrainError(f"--out {folder} is one of the members; choose another folder for the ensemble")
+        if (Path(run) / ENSEMBLE_FILE).exists():
+            raise TrainError(f"{run} is an ensemble; an ensemble's members are training runs (list them instead)")
+    check_output_folder(folder, "ensemble", overwrite, writes_into_ensemble)
+    if (folder / COMPLETE_MARK).exists() and not overwrite:
+        raise TrainError(f"{folder} already holds a finished ensemble: choose another --out, or pass --overwrite"
+                         " to fit it again")
     torch_device = resolve_device(device)
     members = [load_run(Path(run), torch_device) for run in runs]
     first = members[0][1]
@@ -122,6 +140,7 @@ def fit_ensemble(runs: list[Path], split: str = "val", features: Path | None = N
     member_scores = [labelled_metrics(labels, p, classes) for p in probabilities]
     ensemble_scores = labelled_metrics(labels, mixed(probabilities, weights), classes)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMPLETE_MARK).unlink(missing_ok=True)  # complete again only once everything below is written
     write_json(folder / ENSEMBLE_FILE, {
         "members": [os.path.relpath(Path(run).resolve(), folder.resolve()) for run in runs],
         "weights": list(weights), "classes": classes, "split": split,

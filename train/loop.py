@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import pickle
 import random
 import time
 from pathlib import Path
@@ -30,16 +32,22 @@ from tqdm import tqdm
 from devices import resolve_device
 from features import open_features
 from features.reader import FeatureSet
-from features.schema import comparable
-from train.config import TrainConfig
+from features.schema import MAX_CONTEXT_DIM, comparable, is_int
+from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
+from train.config import TRAINABLE_MODELS, TrainConfig
 from train.data import STEP_INPUTS, UNLABELLED, ClipDataset, make_loader, should_preload
-from train.metrics import Metrics, compute_metrics, plot_confusion, write_atomically, write_predictions
+from train.metrics import Metrics, compute_metrics, plot_confusion, write_predictions
 from train.models import WeightedEnsemble, build_model, paper_parameter_count, parameter_counts
 
 logger = logging.getLogger(__name__)
 COMPLETE_MARK = "metrics.json"
+CHECKPOINT = "best.pt"
+CONFIG_FILE = "config.json"
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_MODEL = "ensemble"
+RUN_FILES = (CONFIG_FILE, "features.json", "epochs.csv", CHECKPOINT, COMPLETE_MARK)
+EVAL_PREFIX = "eval-"
+CHECKPOINT_KEYS = ("model", "config", "classes", "attrs", "epoch")
 
 
 class TrainError(Exception):
@@ -53,7 +61,7 @@ def seed_everything(seed: int) -> None:
 
 
 def open_split(root: Path, split: str) -> FeatureSet:
-    folder = Path(root) / split
+    folder = Path(root) / check_plain_name(split, "split")
     if not folder.is_dir():
         raise TrainError(f"no features for split '{split}' in {root}: run `python cli.py extract --split {split}` first")
     return open_features(folder)
@@ -122,17 +130,53 @@ def write_json(path: Path, data: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
 
 
-def _prepare_run_folder(folder: Path) -> None:
-    if (folder / COMPLETE_MARK).exists():
-        raise TrainError(f"{folder} already holds a finished run; choose another --out or delete it")
+def writes_into_run(name: str) -> bool:
+    """The names a training run (and `evaluate` of it) writes in its folder."""
+    return name in RUN_FILES or name.startswith(EVAL_PREFIX) or is_temporary(name)
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON file holding an object; None when it is missing, unreadable or anything else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_run_folder(folder: Path, config: TrainConfig, overwrite: bool) -> None:
+    """A run folder to train into must be new, empty, or an unfinished run of the same settings
+    (which starts over); with `overwrite`, any folder (the run's own files in it are replaced)."""
+    check_output_folder(folder, "train", overwrite, writes_into_run)
+    if not overwrite:
+        if (folder / COMPLETE_MARK).exists():
+            raise TrainError(f"{folder} already holds a finished run: choose another --out, or pass --overwrite to"
+                             " train it again")
+        if (folder / CONFIG_FILE).exists():
+            stored = read_json_object(folder / CONFIG_FILE)
+            differences = config.differences(stored) if stored is not None else [f"{CONFIG_FILE} unreadable"]
+            if differences:
+                raise TrainError(f"{folder} holds an unfinished run of other settings ({'; '.join(differences)}):"
+                                 " choose another --out, or pass --overwrite to replace it")
+
+
+def _start_run_folder(folder: Path) -> None:
+    """Create the checked run folder; it is not finished until this training writes its own
+    metrics, and an interrupted run's results start over."""
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in ("epochs.csv", "best.pt"):
-        (folder / leftover).unlink(missing_ok=True)  # an interrupted run starts over
+    for leftover in (COMPLETE_MARK, "epochs.csv", CHECKPOINT):
+        (folder / leftover).unlink(missing_ok=True)
 
 
-def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str], None] = print) -> Metrics:
-    """Train `config.model`; returns the best epoch's validation metrics."""
+def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str], None] = print,
+                overwrite: bool = False) -> Metrics:
+    """Train `config.model`; returns the best epoch's validation metrics.
+
+    The run folder must be new, empty or an unfinished run of the same settings, unless
+    `overwrite` (see `_check_run_folder`).
+    """
     device = resolve_device(config.device)
+    _check_run_folder(config.run_folder, config, overwrite)
     seed_everything(config.seed)
     train_set, val_set = open_split(config.features, config.train_split), open_split(config.features, config.val_split)
     check_comparable(train_set.attrs, val_set.attrs, f"the {config.val_split} features")
@@ -160,8 +204,8 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     folder = config.run_folder
-    _prepare_run_folder(folder)
-    write_json(folder / "config.json", config.to_json())
+    _start_run_folder(folder)
+    write_json(folder / CONFIG_FILE, config.to_json())
     write_json(folder / "features.json", train_set.attrs)
     best: Metrics | None = None
     with open(folder / "epochs.csv", "w", newline="") as log_file:
@@ -184,38 +228,140 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
             # A small validation set is often ranked perfectly for many epochs: ties go to the better accuracy.
             if best is None or (metrics.map, metrics.accuracy) > (best.map, best.accuracy):
                 best = metrics
-                torch.save(
-                    {"model": model.state_dict(), "config": config.to_json(), "classes": classes,
-                     "attrs": train_set.attrs, "epoch": epoch},
-                    folder / "best.pt",
-                )
+                checkpoint = {"model": model.state_dict(), "config": config.to_json(), "classes": classes,
+                              "attrs": train_set.attrs, "epoch": epoch}
+                write_atomically(folder / CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
     write_json(folder / COMPLETE_MARK, {**best.to_json(), "split": config.val_split})
     return best
 
 
 def load_run(run: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The run's model in eval mode on `device`, and its checkpoint ("config", "classes", "attrs", ...)."""
-    if (Path(run) / ENSEMBLE_FILE).is_file():
-        return load_ensemble(Path(run), device)
-    checkpoint_path = Path(run) / "best.pt"
-    if not checkpoint_path.is_file():
-        raise TrainError(f"{run} has no best.pt: is it a finished training run?")
-    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    """The run's model in eval mode on `device`, and its checkpoint ("config", "classes", "attrs", ...).
+
+    Nothing in a run folder is trusted: the checkpoint is loaded without running code (tensors
+    and plain values only), its metadata checked, and its weights must fit the model it names
+    before that model is built.
+    """
+    run = Path(run)
+    if (run / ENSEMBLE_FILE).is_file():
+        return load_ensemble(run, device)
+    checkpoint = read_checkpoint(run / CHECKPOINT, device)
     config = checkpoint["config"]
-    model = build_model(config["model"], context_dim=int(checkpoint["attrs"]["context_dim"]),
-                        num_classes=len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint["model"])
+    model = model_for(checkpoint["model"], config["model"], checkpoint["attrs"]["context_dim"],
+                      len(checkpoint["classes"]), run / CHECKPOINT)
     return model.to(device).eval(), checkpoint
 
 
+def read_checkpoint(path: Path, device: torch.device) -> dict:
+    """A training checkpoint's contents, loaded with torch's weights-only unpickler (it refuses
+    any object but tensors and plain values, so loading never runs code), then checked."""
+    if not path.is_file():
+        raise TrainError(f"{path.parent} has no {CHECKPOINT}: is it a finished training run?")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainError(
+            f"{path}: not loaded: it is damaged, or holds Python objects besides tensors and plain values, which"
+            " loading could run as code (this toolkit never writes those); retrain the run"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise TrainError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); retrain the run") from None
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise TrainError(f"{path}: {problem}; retrain the run")
+    return checkpoint
+
+
+def checkpoint_problem(checkpoint) -> str | None:
+    """What makes `checkpoint` something other than a training checkpoint of this toolkit."""
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
+        return f"not a training checkpoint (it needs {', '.join(CHECKPOINT_KEYS)})"
+    config, classes, attrs, weights = (checkpoint[key] for key in ("config", "classes", "attrs", "model"))
+    if not isinstance(config, dict) or config.get("model") not in TRAINABLE_MODELS:
+        return f"names no model of this toolkit ({TRAINABLE_MODELS})"
+    if not isinstance(config.get("features"), str):
+        return "its config has no features root"
+    if not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes) or not all(
+        isinstance(name, str) and name for name in classes
+    ):
+        return "its classes are not a list of distinct names"
+    dim = attrs.get("context_dim") if isinstance(attrs, dict) else None
+    if not (is_int(dim) and 1 <= dim <= MAX_CONTEXT_DIM):
+        return f"its feature attributes give no context_dim between 1 and {MAX_CONTEXT_DIM}"
+    if not isinstance(weights, dict) or not all(
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()
+    ):
+        return "its model weights are not a table of named tensors"
+    return None
+
+
+def model_for(weights: dict[str, torch.Tensor], name: str, context_dim: int, num_classes: int, path: Path) -> nn.Module:
+    """`name` built for these sizes with `weights` loaded, once they are known to fit.
+
+    The model is first described on the meta device (no memory), so sizes a file merely
+    claims never allocate anything: only weights of the shapes the file itself holds are.
+    """
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in build_model(name, context_dim, num_classes).state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in weights.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise TrainError(f"{path}: its weights do not fit a {name} model with context_dim {context_dim} and"
+                         f" {num_classes} classes (first difference: {wrong[0]}); retrain the run")
+    model = build_model(name, context_dim, num_classes)
+    model.load_state_dict(weights)
+    return model
+
+
 def load_ensemble(folder: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """An ensemble folder as one model, with a checkpoint-like dict (features: the first member's root)."""
-    spec = json.loads((folder / ENSEMBLE_FILE).read_text())
-    members = [load_run(folder / member, device) for member in spec["members"]]
+    """An ensemble folder as one model, with a checkpoint-like dict (features: the first member's root).
+
+    Members must be training runs (not ensembles: so no cycle can arise) at relative paths
+    from the folder, each loaded like any run, with the ensemble's classes and comparable
+    features.
+    """
+    spec = read_ensemble_spec(folder)
+    runs = [member_folder(folder, member) for member in spec["members"]]
+    members = [load_run(run, device) for run in runs]
+    for run, (_, checkpoint) in zip(runs, members):
+        if checkpoint["classes"] != spec["classes"]:
+            raise TrainError(f"{folder / ENSEMBLE_FILE}: member {run} predicts other classes than the ensemble")
+        check_comparable(members[0][1]["attrs"], checkpoint["attrs"], f"the features of member {run}")
     model = WeightedEnsemble([model for model, _ in members], spec["weights"]).to(device).eval()
     first = members[0][1]
     config = {"model": ENSEMBLE_MODEL, "features": first["config"]["features"], "members": spec["members"]}
     return model, {"config": config, "classes": spec["classes"], "attrs": first["attrs"]}
+
+
+def read_ensemble_spec(folder: Path) -> dict:
+    """ensemble.json, checked: two or more member paths, as many weights (finite, >= 0, summing to 1), classes."""
+    path = folder / ENSEMBLE_FILE
+    spec = read_json_object(path)
+    members, weights, classes = (spec.get(key) if spec else None for key in ("members", "weights", "classes"))
+    if not (isinstance(members, list) and len(members) >= 2 and all(isinstance(m, str) and m for m in members)):
+        raise TrainError(f"{path}: not an ensemble file (it needs two or more member paths); refit it with"
+                         " `python cli.py ensemble`")
+    numbers = isinstance(weights, list) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
+    )
+    if not numbers or len(weights) != len(members) or abs(sum(weights) - 1) > 1e-6:
+        raise TrainError(f"{path}: its weights are not one number >= 0 per member summing to 1")
+    if not (isinstance(classes, list) and all(isinstance(name, str) for name in classes)):
+        raise TrainError(f"{path}: its classes are not a list of names")
+    return spec
+
+
+def member_folder(folder: Path, member: str) -> Path:
+    """The run folder an ensemble member names: a relative path to a training run other than the ensemble."""
+    if Path(member).is_absolute() or "\0" in member:
+        raise TrainError(f"{folder / ENSEMBLE_FILE}: member {member!r} is not a path relative to the ensemble folder")
+    run = folder / member
+    if not run.is_dir():
+        raise TrainError(f"{folder / ENSEMBLE_FILE}: member {member!r} is not a folder ({run})")
+    if (run / ENSEMBLE_FILE).exists():
+        what = "the ensemble itself" if run.resolve() == folder.resolve() else "an ensemble"
+        raise TrainError(f"{folder / ENSEMBLE_FILE}: member {member!r} is {what}; members are training runs")
+    return run
 
 
 def split_probabilities(
@@ -237,7 +383,9 @@ def evaluate_run(
     model, checkpoint = load_run(run, torch_device)
     classes = checkpoint["classes"]
     ids, labels, probabilities = split_probabilities(model, checkpoint, split, features, torch_device, batch_size)
-    out = Path(run) / f"eval-{split}"
+    out = Path(run) / f"{EVAL_PREFIX}{split}"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise TrainError(f"{out} is not a folder of the run (a link or a file): remove it to evaluate {split}")
     out.mkdir(exist_ok=True)
     write_predictions(out / "predictions.csv", ids, labels, probabilities, classes)
     if (labels == UNLABELLED).all():

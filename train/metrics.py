@@ -13,15 +13,17 @@ finite) raise `ValueError` rather than produce a number.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from manifests.spreadsheet import neutralised
+from outputs import write_atomically
 
 UNLABELLED = -1
 PROBABILITY_PREFIX = "p_"
@@ -152,9 +154,9 @@ def write_predictions(
     names = np.asarray(list(classes), dtype=object)
     frame = pd.DataFrame(
         {
-            "clip_id": clip_ids,
-            "true": np.where(y_true == UNLABELLED, "", names[np.maximum(y_true, 0)]),
-            "predicted": names[scores.argmax(axis=1)],
+            "clip_id": [neutralised(clip_id) for clip_id in clip_ids],
+            "true": [neutralised(name) for name in np.where(y_true == UNLABELLED, "", names[np.maximum(y_true, 0)])],
+            "predicted": [neutralised(name) for name in names[scores.argmax(axis=1)]],
             **{f"{PROBABILITY_PREFIX}{name}": scores[:, c] for c, name in enumerate(classes)},
         }
     )
@@ -168,21 +170,6 @@ def _write_cell_counts(axes, counts: np.ndarray, shares: np.ndarray) -> None:
         # White on dark cells, black on light ones, so every count stays legible.
         colour = "white" if shares[row, column] > 0.5 else "black"
         axes.text(column, row, str(counts[row, column]), ha="center", va="center", color=colour, fontsize=10)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file beside `path`, so a reader never sees half a file.
-
-    The temporary file is created by `write` itself rather than by mkstemp, so the result gets
-    the user's usual permissions (mkstemp's are owner-only) and teams can share it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.part"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _checked_labels_and_scores(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
