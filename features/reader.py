@@ -314,12 +314,30 @@ def examine_shard(path: Path, entry: ShardInfo | None = None) -> tuple[ShardInfo
     return (None if problems else shard), [f"{path}: {problem}" for problem in problems]
 
 
+# Shards this process has checked, by the identity of their file and the index entry offered
+# with it: any change to a file gives it a new ctime, which no user can set, so a hit is the
+# file as it was checked. Spares the extractor's index after each new shard, and every later
+# opening of a set, all but opening the new shards.
+_CHECKED: dict[tuple, ShardInfo] = {}
+
+
 def read_shard_info(path: Path, entry: ShardInfo | None = None) -> ShardInfo:
     """A shard's attributes and clip table (`examine_shard`); FeatureFileError naming it and its first problem."""
-    shard, problems = examine_shard(path, entry)
-    if problems:
-        raise FeatureFileError(problems[0])
-    return shard
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise FeatureFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        offered = None if entry is None else content_sha256(entry.attrs, entry.table)
+    except FILE_ERRORS:
+        offered = "unhashable"
+    identity = (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, offered)
+    if identity not in _CHECKED:
+        shard, problems = examine_shard(path, entry)
+        if problems:
+            raise FeatureFileError(problems[0])
+        _CHECKED[identity] = shard
+    return _CHECKED[identity]
 
 
 def load_index(folder: Path) -> dict | None:

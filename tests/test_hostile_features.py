@@ -340,6 +340,15 @@ def test_an_in_place_edit_is_caught_by_validate_and_by_readers_without_a_vouchin
         open_features(root / "train")
 
 
+def test_a_shard_changed_after_this_process_checked_it_is_checked_again(root):
+    with open_features(root / "train") as features:  # checked, and remembered by the identity of its file
+        assert len(features) > 0
+    with h5py.File(root / SHARD, "r+") as handle:
+        del handle.attrs["fps"]
+    with pytest.raises(FeatureFileError, match="attributes missing: fps"):
+        open_features(root / "train")
+
+
 # --- fuzz: random damage to a valid shard and its index ----------------------------------------
 
 FUZZ_CASES = 300
