@@ -271,6 +271,12 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def are_distinct_names(value) -> bool:
+    """A list of distinct non-empty strings, as class lists are."""
+    return (isinstance(value, list) and all(isinstance(name, str) and name for name in value)
+            and len(set(value)) == len(value))
+
+
 def is_positive_number(value) -> bool:
     """A finite number > 0 (compared, not converted, so a huge JSON int cannot overflow)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
@@ -322,10 +328,8 @@ def value_problems(attrs: dict) -> list[str]:
         problems.append(f"{FACE_CROPS_STORED} {shown(attrs[FACE_CROPS_STORED])} is not a bool")
     elif attrs[FACE_CROPS_STORED] and not (is_int(crop) and 1 <= crop <= MAX_FACE_CROP_SIZE):
         problems.append(f"face_crop_size {shown(crop)} is not an int from 1 to {MAX_FACE_CROP_SIZE}")
-    classes = attrs["classes"]
-    if not (isinstance(classes, list) and all(isinstance(name, str) and name for name in classes)
-            and len(set(classes)) == len(classes)):
-        problems.append(f"classes {shown(classes)} are not a list of distinct non-empty strings")
+    if not are_distinct_names(attrs["classes"]):
+        problems.append(f"classes {shown(attrs['classes'])} are not a list of distinct non-empty strings")
     if not is_positive_number(attrs["fps"]):
         problems.append(f"fps {shown(attrs['fps'])} is not a positive number")
     if not (is_int(attrs["detect_every"]) and attrs["detect_every"] >= 1):

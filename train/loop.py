@@ -32,7 +32,7 @@ from tqdm import tqdm
 from devices import resolve_device
 from features import open_features
 from features.reader import FeatureSet
-from features.schema import MAX_CONTEXT_DIM, comparable, is_int
+from features.schema import MAX_CONTEXT_DIM, are_distinct_names, comparable, is_int
 from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
 from train.config import TRAINABLE_MODELS, TrainConfig
 from train.data import STEP_INPUTS, UNLABELLED, ClipDataset, make_loader, should_preload
@@ -278,13 +278,11 @@ def checkpoint_problem(checkpoint) -> str | None:
         return f"not a training checkpoint (it needs {', '.join(CHECKPOINT_KEYS)})"
     config, classes, attrs, weights = (checkpoint[key] for key in ("config", "classes", "attrs", "model"))
     if not isinstance(config, dict) or config.get("model") not in TRAINABLE_MODELS:
-        return f"names no model of this toolkit ({TRAINABLE_MODELS})"
+        return f"names no model of this toolkit (one of {', '.join(TRAINABLE_MODELS)})"
     if not isinstance(config.get("features"), str):
         return "its config has no features root"
-    if not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes) or not all(
-        isinstance(name, str) and name for name in classes
-    ):
-        return "its classes are not a list of distinct names"
+    if not (are_distinct_names(classes) and len(classes) >= 2):
+        return "its classes are not a list of two or more distinct names"
     dim = attrs.get("context_dim") if isinstance(attrs, dict) else None
     if not (is_int(dim) and 1 <= dim <= MAX_CONTEXT_DIM):
         return f"its feature attributes give no context_dim between 1 and {MAX_CONTEXT_DIM}"
