@@ -19,4 +19,8 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise DeviceError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceError(f"device '{device}' requested but this machine has {count} CUDA device(s), cuda:0 to"
+                          f" cuda:{count - 1}; use one of those, or --device cpu")
     return resolved
