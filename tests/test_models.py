@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.config import MODEL_NAMES
-from train.models import PAPER_PARAMS, build_model, parameter_report
+from features.schema import FACE_MAP_SHAPE
+from train.config import MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
+from train.data import STEP_INPUTS
+from train.models import PAPER_PARAMS, MaskedBatchNorm3d, build_model, parameter_report
 
 FACE_DIM = 128
 CONTEXT_DIM = 40
@@ -32,16 +34,36 @@ def padded_batch(lengths: list[int], face_dim: int = FACE_DIM, context_dim: int 
     return face, context, mask
 
 
+def padded_inputs(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every model input as `train.data.collate` names them (face, context, face_map: (B, T, 128, 4, 4),
+    mask), padded like `padded_batch`: large garbage and a NaN in every input."""
+    face, context, mask = padded_batch(lengths, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    face_map = torch.randn(*mask.shape, *FACE_MAP_SHAPE, generator=generator)
+    face_map[~mask] = 1e4 * torch.randn(face_map[~mask].shape, generator=generator)
+    face_map[lengths.index(min(lengths)), -1, 0] = float("nan")
+    return {"face": face, "context": context, "face_map": face_map, "mask": mask}
+
+
+def rows_of(inputs: dict[str, torch.Tensor], row: int, steps: int) -> dict[str, torch.Tensor]:
+    return {name: value[row:row + 1, :steps] for name, value in inputs.items()}
+
+
+def logits_of(net: torch.nn.Module, inputs: dict[str, torch.Tensor], omit: tuple[str, ...] = ()) -> torch.Tensor:
+    """`net` called as training calls it, with None for the inputs in `omit`."""
+    given = {name: None if name in omit else inputs[name] for name in STEP_INPUTS}
+    return net(given["face"], given["context"], inputs["mask"], face_map=given["face_map"])
+
+
 def model(name: str, seed: int = 0, face_dim: int = FACE_DIM, context_dim: int = CONTEXT_DIM) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(name, context_dim=context_dim, num_classes=NUM_CLASSES, face_dim=face_dim)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TRAINABLE_MODELS)
 def test_every_model_gives_logits_and_finite_gradients_to_every_parameter(name):
     net = model(name).train()
-    face, context, mask = padded_batch([5, 2, 7, 1])
-    logits = net(face, context, mask)
+    logits = logits_of(net, padded_inputs([5, 2, 7, 1]))
     assert logits.shape == (4, NUM_CLASSES)
     F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
     for parameter_name, parameter in net.named_parameters():
@@ -50,16 +72,51 @@ def test_every_model_gives_logits_and_finite_gradients_to_every_parameter(name):
         assert parameter.grad.abs().sum() > 0, parameter_name
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TRAINABLE_MODELS)
 def test_padding_gives_the_same_logits_as_each_sequence_alone(name):
     net = model(name).eval()
     lengths = [3, 7, 1, 5]
-    face, context, mask = padded_batch(lengths)
+    inputs = padded_inputs(lengths)
     with torch.no_grad():
-        batched = net(face, context, mask)
+        batched = logits_of(net, inputs)
         for row, length in enumerate(lengths):
-            alone = net(face[row:row + 1, :length], context[row:row + 1, :length], mask[row:row + 1, :length])
+            alone = logits_of(net, rows_of(inputs, row, length))
             torch.testing.assert_close(batched[row:row + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_c3d_batch_norm_takes_its_training_statistics_from_valid_steps_only():
+    lengths = [3, 7, 1, 5]
+    mask = padded_batch(lengths)[2]
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(len(lengths), 8, mask.shape[1], *FACE_MAP_SHAPE[1:], generator=generator) * 3 + 2
+    x.transpose(1, 2)[~mask] = 1e4
+    norm = MaskedBatchNorm3d(8).train()
+    out = norm(x, mask[:, None, :, None, None].float())
+    # torch's own BatchNorm on the valid steps alone, gathered into one batch of (C, H, W) maps.
+    reference = torch.nn.BatchNorm2d(8).train()
+    expected = reference(x.transpose(1, 2)[mask])
+    torch.testing.assert_close(out.transpose(1, 2)[mask], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(norm.running_var, reference.running_var, rtol=1e-6, atol=1e-6)
+
+
+def test_c3d_in_training_gives_the_same_logits_and_statistics_whatever_its_padding():
+    lengths = [3, 7, 1, 5]
+    inputs = padded_inputs(lengths)
+    # More padded steps, holding other garbage: only the valid steps may count.
+    longer = dict(inputs, mask=torch.arange(10)[None, :] < torch.tensor(lengths)[:, None])
+    longer["face_map"] = -1e4 * torch.ones(len(lengths), 10, *FACE_MAP_SHAPE)
+    longer["face_map"][longer["mask"]] = inputs["face_map"][inputs["mask"]]
+    nets = [model(SPATIOTEMPORAL).train() for _ in range(2)]
+    logits = []
+    for net, batch in zip(nets, (inputs, longer)):
+        torch.manual_seed(5)  # the same dropout in both
+        logits.append(logits_of(net, batch))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+    assert torch.isfinite(logits[0]).all()
+    for short_norm, long_norm in zip(nets[0].norms, nets[1].norms):
+        torch.testing.assert_close(long_norm.running_mean, short_norm.running_mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(long_norm.running_var, short_norm.running_var, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", CASCADES)
@@ -142,18 +199,18 @@ def test_build_model_names_the_known_models_and_resolves_aliases():
     assert type(caca_a) is type(model("caca")) and caca_a.first_stream == "context"
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TRAINABLE_MODELS)
 def test_a_model_reads_exactly_the_inputs_it_declares(name):
     net = model(name).eval()
-    assert net.inputs == {"face": ("face",), "context": ("context",)}.get(name, ("face", "context"))
-    face, context, mask = padded_batch([3, 2])
-    given = {"face": face, "context": context}
+    declared = {"face": ("face",), "context": ("context",), SPATIOTEMPORAL: ("face_map",)}
+    assert net.inputs == declared.get(name, ("face", "context"))
+    inputs = padded_inputs([3, 2])
     with torch.no_grad():
-        declared_only = net(*(given[s] if s in net.inputs else None for s in given), mask)
-        torch.testing.assert_close(declared_only, net(face, context, mask), rtol=0, atol=0)
+        declared_only = logits_of(net, inputs, omit=tuple(set(STEP_INPUTS) - set(net.inputs)))
+        torch.testing.assert_close(declared_only, logits_of(net, inputs), rtol=0, atol=0)
         for missing in net.inputs:
-            with pytest.raises(ValueError, match=f"{missing} must be"):
-                net(*(None if s == missing else given[s] for s in given), mask)
+            with pytest.raises(ValueError, match=rf"\b{missing}\b.*, got None"):
+                logits_of(net, inputs, omit=(missing,))
 
 
 def test_wrong_inputs_are_refused_loudly():

@@ -31,6 +31,9 @@ from train.loop import evaluate_run, train_model
 
 WEIGHTS = ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet")
 GOOD = {"coffee.mp4", "more/rocket.mp4", "cat.mp4"}
+# The ids the dataset fixture's manifest gives its clips: SPLIT/LABEL/NAME without the suffix.
+DATASET_IDS = {"train": {"train/happy/coffee", "train/happy/rocket", "train/neutral/cat"},
+               "val": {"val/happy/rocket", "val/neutral/cat"}}
 BAD = {"empty.mp4", "notes.mp4", "gone.mp4"}
 quiet = lambda line: None  # noqa: E731
 
@@ -144,15 +147,24 @@ def test_one_readable_picture_per_predicted_clip(predicted):
             assert image.format == "PNG" and 1000 <= image.width <= 2400 and 600 <= image.height <= 1600
 
 
+def assert_predict_equals_evaluate(predictions: list[Prediction], run: Path) -> None:
+    """Each video's probabilities equal those `evaluate` gives its extracted features, for every clip of both splits."""
+    evaluated = {}
+    for split, clip_ids in DATASET_IDS.items():
+        evaluate_run(run, split, device="cpu")
+        table = pd.read_csv(run / f"eval-{split}" / "predictions.csv").set_index("clip_id")
+        assert set(table.index) == clip_ids
+        evaluated.update({clip_id: table.loc[clip_id] for clip_id in clip_ids})
+    assert sorted(p.clip_id for p in predictions) == sorted(evaluated)
+    for prediction in predictions:
+        expected = evaluated[prediction.clip_id][[f"p_{c}" for c in prediction.probabilities]].to_numpy(float)
+        np.testing.assert_allclose(list(prediction.probabilities.values()), expected, atol=1e-4)
+
+
 def test_predictions_equal_evaluate_on_the_extracted_features(run, dataset):
     predictions, failures = predict_videos(run, [dataset / "m.csv"], device="cpu", log=quiet)
-    assert not failures and len(predictions) == 5
-    evaluate_run(run, "val", device="cpu")
-    evaluated = pd.read_csv(run / "eval-val" / "predictions.csv").set_index("clip_id")
-    for prediction in predictions:
-        if prediction.clip_id in evaluated.index:
-            expected = evaluated.loc[prediction.clip_id, [f"p_{c}" for c in prediction.probabilities]].to_numpy(float)
-            np.testing.assert_allclose(list(prediction.probabilities.values()), expected, atol=1e-4)
+    assert not failures
+    assert_predict_equals_evaluate(predictions, run)
 
 
 def test_an_ensemble_with_c3d_predicts_videos_as_evaluate_scores_their_features(run, dataset):
@@ -160,12 +172,8 @@ def test_an_ensemble_with_c3d_predicts_videos_as_evaluate_scores_their_features(
     train_model(c3d, progress=False, log=quiet)
     ensemble = fit_ensemble([run, c3d.run_folder], "val", out=dataset / "ensemble", device="cpu")
     predictions, failures = predict_videos(ensemble, [dataset / "m.csv"], device="cpu", log=quiet)
-    assert not failures and len(predictions) == 5 and all(p.attention is None for p in predictions)
-    evaluate_run(ensemble, "val", device="cpu")
-    evaluated = pd.read_csv(ensemble / "eval-val" / "predictions.csv").set_index("clip_id")
-    for prediction in (p for p in predictions if p.clip_id in evaluated.index):
-        expected = evaluated.loc[prediction.clip_id, [f"p_{c}" for c in prediction.probabilities]].to_numpy(float)
-        np.testing.assert_allclose(list(prediction.probabilities.values()), expected, atol=1e-4)
+    assert not failures and all(p.attention is None for p in predictions)
+    assert_predict_equals_evaluate(predictions, ensemble)
 
 
 def test_a_run_made_with_other_detector_weights_is_refused(run, videos, tmp_path):
@@ -222,7 +230,8 @@ def test_a_model_without_attention_says_so_in_its_picture(videos, tmp_path):
 
 def test_the_predict_command_reports_each_clip_and_exits_3_when_some_failed(run, videos, tmp_path):
     done = subprocess.run(
-        [sys.executable, "cli.py", "predict", "--run", str(run), "--out", str(tmp_path / "p.csv"), str(videos)],
+        [sys.executable, "cli.py", "predict", "--run", str(run), "--device", "cpu", "--out", str(tmp_path / "p.csv"),
+         str(videos)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
     )
     assert done.returncode == 3, done.stderr
@@ -245,7 +254,8 @@ def test_an_extreme_frame_shape_is_predicted_and_an_error_in_one_clip_fails_only
 
     monkeypatch.setattr(RetinaFaceDetector, "detect", detect)
     inputs = [str(videos / "coffee.mp4"), str(tmp_path / "strip.mp4"), str(tmp_path / "grey.mp4")]
-    done = CliRunner().invoke(cli_module.cli, ["predict", "--run", str(run), "--out", str(tmp_path / "p.csv"),
+    done = CliRunner().invoke(cli_module.cli, ["predict", "--run", str(run), "--device", "cpu",
+                                               "--out", str(tmp_path / "p.csv"),
                                                "--explain", str(tmp_path / "pictures"), "--quiet", *inputs])
     assert done.exit_code == 3, done.output
     assert "2 clips predicted, 1 failed" in done.output

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +20,13 @@ from features.tools import inspect, merge, repack
 from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, should_preload
 from train.config import TrainConfig
 from train.loop import TrainError, class_weights, evaluate_run, load_run, train_model
+from tests.cli_runs import run_cli
+from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(epochs=10, lr=1e-3, batch_size=16)
+# Every run here is on the CPU, where training is deterministic for a seed (README, "Training").
+CPU = dict(device="cpu")
+FAST = dict(epochs=10, lr=1e-3, batch_size=16, **CPU)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ def test_faceless_frames_and_padding_do_not_change_a_prediction(both_signal, cac
 
 
 def test_training_is_deterministic_given_a_seed(both_signal, tmp_path):
-    runs = [TrainConfig(model="parallel", features=both_signal, out=tmp_path / f"r{i}", epochs=3, seed=7) for i in (0, 1)]
+    runs = [TrainConfig(model="parallel", features=both_signal, out=tmp_path / f"r{i}", epochs=3, seed=7, **CPU)
+            for i in (0, 1)]
     for config in runs:
         train_model(config, progress=False, log=lambda line: None)
     assert (runs[0].run_folder / "epochs.csv").read_text().split("\n")[1].split(",")[:4] == \
@@ -115,10 +117,18 @@ def test_a_run_folder_holds_config_attrs_epochs_checkpoint_and_metrics(caca_run,
     assert metrics["map"] == pytest.approx(epochs.val_map.max(), abs=1e-6)
 
 
+def test_best_pt_holds_the_epoch_with_the_best_validation_map(caca_run):
+    epochs = pd.read_csv(caca_run / "epochs.csv")
+    # Ties in mAP go to the better accuracy, then to the earlier epoch (train/loop.py).
+    best = epochs.sort_values(["val_map", "val_accuracy", "epoch"], ascending=[False, False, True]).iloc[0]
+    assert torch.load(caca_run / "best.pt", weights_only=True)["epoch"] == best.epoch
+    again = evaluate_run(caca_run, "val", device="cpu")
+    assert (again.map, again.accuracy) == pytest.approx((best.val_map, best.val_accuracy), abs=1e-6)
+
+
 def test_evaluate_writes_metrics_that_agree_with_scikit_learn(caca_run):
-    done = subprocess.run([sys.executable, "cli.py", "evaluate", "--run", str(caca_run), "--split", "val"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    status, _, stderr = run_cli("evaluate", "--run", caca_run, "--split", "val", "--device", "cpu")
+    assert status == 0, stderr
     out = caca_run / "eval-val"
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"map", "accuracy", "per_class_ap", "confusion"} <= set(metrics)
@@ -140,7 +150,7 @@ def test_evaluate_refuses_features_made_differently(caca_run, tmp_path):
         writer.add_clip(planted_clip("v/0", 0, np.zeros(128), np.zeros(64), np.random.default_rng(0), 64))
     write_index(other / "val")
     with pytest.raises(TrainError, match="context_backbone"):
-        evaluate_run(caca_run, "val", features=other)
+        evaluate_run(caca_run, "val", features=other, device="cpu")
 
 
 def test_an_unlabelled_split_gets_predictions_only(caca_run, tmp_path):
@@ -152,21 +162,50 @@ def test_an_unlabelled_split_gets_predictions_only(caca_run, tmp_path):
             clip = planted_clip(f"test/{i}", 0, np.zeros(128), np.zeros(64), rng, 64)
             writer.add_clip(dataclasses.replace(clip, label=""))
     write_index(folder)
-    assert evaluate_run(caca_run, "test", features=tmp_path) is None
+    assert evaluate_run(caca_run, "test", features=tmp_path, device="cpu") is None
     predictions = pd.read_csv(caca_run / "eval-test" / "predictions.csv", keep_default_na=False)
     assert len(predictions) == 6 and set(predictions["true"]) == {""}
 
 
-def test_compare_resumes_from_finished_runs(both_signal, tmp_path):
-    base = TrainConfig(model="face", features=both_signal, epochs=2, lr=1e-3)
+def run_files(out: Path) -> dict[Path, tuple[bytes, int]]:
+    """Every file of the comparison's run folders, with its bytes and modification time."""
+    return {path: (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in out.glob("*-seed*/*") if path.is_file()}
+
+
+def test_compare_tables_the_runs_medians_and_ranges_and_resumes_without_training_twice(both_signal, tmp_path):
+    models, seeds = ["face", "caca"], 3
+    base = TrainConfig(model="face", features=both_signal, epochs=2, lr=1e-3, **CPU)
     lines = []
-    table = run_compare(base, ["face", "caca"], seeds=2, out=tmp_path, log=lines.append)
-    assert "| caca |" in table.read_text() and (tmp_path / "table.csv").exists()
+    table = run_compare(base, models, seeds=seeds, out=tmp_path, log=lines.append)
+    assert [line for line in lines if line.startswith("training ")] == [
+        f"training {model}, seed {seed}" for model in models for seed in range(seeds)]
+    (markdown,) = markdown_tables(table)
+    csv_table = csv_rows(tmp_path / "table.csv")
+    assert list(markdown) == list(csv_table) == models
+    for model in models:
+        scores = [percent_scores(tmp_path / f"{model}-seed{seed}" / "metrics.json") for seed in range(seeds)]
+        for row in (markdown[model], csv_table[model]):
+            assert_spread(row[0], [map_ for map_, _ in scores])
+            assert_spread(row[1], [accuracy for _, accuracy in scores])
     assert (tmp_path / "parameters.txt").read_text().count("M") > 6
+
+    first_table = table.read_text()
     (tmp_path / "caca-seed1" / "metrics.json").unlink()  # as if interrupted during that run
+    finished = {path: stamp for path, stamp in run_files(tmp_path).items() if path.parent.name != "caca-seed1"}
     lines.clear()
-    run_compare(base, ["face", "caca"], seeds=2, out=tmp_path, log=lines.append)
-    assert lines[0] == "3 of 4 runs already finished; training 1"
+    run_compare(base, models, seeds=seeds, out=tmp_path, log=lines.append)
+    assert lines[0] == f"{len(models) * seeds - 1} of {len(models) * seeds} runs already finished; training 1"
+    assert [line for line in lines if line.startswith("training ")] == ["training caca, seed 1"]
+    assert {path: stamp for path, stamp in run_files(tmp_path).items() if path in finished} == finished
+    assert len(pd.read_csv(tmp_path / "caca-seed1" / "epochs.csv")) == base.epochs
+    assert table.read_text() == first_table, "the run trained again with its seed scores as before"
+
+    everything = run_files(tmp_path)
+    lines.clear()
+    run_compare(base, models, seeds=seeds, out=tmp_path, log=lines.append)
+    assert lines == [f"{len(models) * seeds} of {len(models) * seeds} runs already finished; training 0"]
+    assert run_files(tmp_path) == everything
 
 
 def test_class_weights_favour_rare_classes():
@@ -175,9 +214,86 @@ def test_class_weights_favour_rare_classes():
     assert float((weights[[0, 0, 0, 1]]).mean()) == pytest.approx(1.0)
 
 
+def write_labelled_split(folder: Path, labels: list[int], seed: int) -> None:
+    """One shard of face-signal clips with these labels (indices into the classes), in this order."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    directions = np.random.default_rng(0).normal(0, 1, (max(labels) + 1, 128))
+    with ShardWriter(folder / shard_name(0), extractor_attrs(split=folder.name)) as writer:
+        for i, label in enumerate(labels):
+            writer.add_clip(planted_clip(f"{folder.name}/{i:04d}", label, directions[label], np.zeros(64), rng, 64))
+    write_index(folder)
+
+
+class RecordedLoss(torch.nn.CrossEntropyLoss):
+    """The training loss, keeping each call's weight, logits, targets and value."""
+
+    calls: list[tuple] = []
+
+    def forward(self, logits, target):
+        loss = super().forward(logits, target)
+        RecordedLoss.calls.append((self.weight, logits.detach().clone(), target.clone(), loss.detach()))
+        return loss
+
+
+def test_class_weighting_weights_the_training_loss_by_inverse_class_frequency(tmp_path, monkeypatch):
+    train_labels = [0] * 24 + [1] * 6 + [2] * 2
+    write_labelled_split(tmp_path / "features" / "train", train_labels, seed=1)
+    write_labelled_split(tmp_path / "features" / "val", [0, 1, 2] * 4, seed=2)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", RecordedLoss)
+    first_calls = {}
+    for weighting in (False, True):
+        RecordedLoss.calls = []
+        config = TrainConfig(model="face", features=tmp_path / "features", out=tmp_path / f"weighting-{weighting}",
+                             epochs=1, batch_size=len(train_labels), class_weighting=weighting, **CPU)
+        train_model(config, progress=False, log=lambda line: None)
+        (first_calls[weighting],) = RecordedLoss.calls  # one epoch of one batch
+
+    counts = np.bincount(train_labels, minlength=len(extractor_attrs()["classes"]))
+    present = counts > 0
+    expected = np.where(present, len(train_labels) / (present.sum() * np.maximum(counts, 1)), 0.0)
+    (plain_weight, logits, target, plain_loss), (weight, weighted_logits, weighted_target, loss) = first_calls.values()
+    assert plain_weight is None
+    np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-6)
+    # Same seed, same data: the first batch meets the same model either way; only the loss weighs it differently.
+    assert torch.equal(logits, weighted_logits) and torch.equal(target, weighted_target)
+    nll = -torch.log_softmax(logits, dim=1)[torch.arange(len(target)), target]
+    torch.testing.assert_close(plain_loss, nll.mean())
+    per_clip = torch.tensor(expected, dtype=torch.float32)[target]
+    torch.testing.assert_close(loss, (per_clip * nll).sum() / per_clip.sum())
+    assert abs(float(loss) - float(plain_loss)) > 1e-3
+    losses = [pd.read_csv(tmp_path / f"weighting-{w}" / "epochs.csv").train_loss.tolist() for w in (False, True)]
+    assert losses[0] != losses[1]
+
+
+def test_training_starts_each_clip_at_a_random_step_of_its_first_half_and_evaluation_at_its_first(both_signal):
+    with open_features(both_signal / "train") as features:
+        classes = list(features.attrs["classes"])
+        training = ClipDataset(features, classes, train=True, inputs=("face",), preload=True)
+        evaluation = ClipDataset(features, classes, train=False, inputs=("face",), preload=True)
+        clips = [features[clip_id] for clip_id in features.clip_ids]
+    torch.manual_seed(0)
+    lengths_seen = set()
+    for i, clip in enumerate(clips):
+        # A clip's steps are its frames with a face (all its frames when none has one).
+        steps = clip["face"][clip["has_face"]] if clip["has_face"].any() else clip["face"]
+        for _ in range(3):
+            assert np.array_equal(evaluation[i].inputs["face"], steps)
+        starts = set()
+        for _ in range(60):
+            drawn = training[i].inputs["face"]
+            start = len(steps) - len(drawn)
+            assert np.array_equal(drawn, steps[start:])
+            starts.add(start)
+        # Each start is a step of the first half: 2 * start < length.
+        assert starts == set(range((len(steps) + 1) // 2)), (len(steps), starts)
+        lengths_seen.add(len(steps))
+    assert {4, 5} <= lengths_seen  # an even and an odd length, where the half's bound differs
+
+
 def test_training_needs_labelled_splits(both_signal, tmp_path):
     with pytest.raises(TrainError, match="no features for split 'nope'"):
-        train_model(TrainConfig(model="face", features=both_signal, val_split="nope", out=tmp_path / "x"))
+        train_model(TrainConfig(model="face", features=both_signal, val_split="nope", out=tmp_path / "x", **CPU))
 
 
 def test_preloading_is_automatic_when_the_split_fits_in_memory(both_signal):
@@ -199,7 +315,7 @@ def test_a_model_trains_on_only_the_arrays_it_reads(both_signal, tmp_path, monke
         return original(self, clip_id, arrays)
 
     monkeypatch.setattr(FeatureSet, "read", recording)
-    config = TrainConfig(model=model, features=both_signal, out=tmp_path / "run", preload="never", epochs=1)
+    config = TrainConfig(model=model, features=both_signal, out=tmp_path / "run", preload="never", epochs=1, **CPU)
     train_model(config, progress=False, log=lambda line: None)
     assert read == {"has_face", *{"face": ["face"], "context": ["context"], "c3d": ["face_map"]}.get(model, ["face", "context"])}
 

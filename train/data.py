@@ -107,8 +107,9 @@ class ClipDataset(Dataset):
         steps = self.cache[i] if self.cache is not None else self._read(i)
         if not self.train:
             return steps
-        # torch's generator: seeded per DataLoader worker, so runs repeat exactly.
-        start = int(torch.randint(0, len(steps) // 2 + 1, ()).item()) if len(steps) > 1 else 0
+        # A step of the first half: 2 * start < len(steps). torch's generator: seeded per DataLoader
+        # worker, so runs repeat exactly.
+        start = int(torch.randint(0, (len(steps) + 1) // 2, ()).item())
         return steps.from_step(start)
 
 

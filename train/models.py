@@ -280,10 +280,12 @@ class SpatiotemporalCNN(nn.Module):
         if mask.dtype != torch.bool or mask.shape != face_map.shape[:2]:
             raise ValueError(f"mask must be bool {tuple(face_map.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
         checked_mask_lengths(mask)
-        valid = mask[:, None, :, None, None].to(face_map.dtype)
+        padding = ~mask[:, None, :, None, None]
+        valid = (~padding).to(face_map.dtype)
         x = face_map.transpose(1, 2)  # (B, C, T, H, W): the layout Conv3d wants
         for conv, norm in zip(self.convs, self.norms):
-            x = torch.relu(norm(conv(x * valid), valid))
+            # Filled, not multiplied by 0: a NaN or inf on a padded step would survive a product.
+            x = torch.relu(norm(conv(x.masked_fill(padding, 0.0)), valid))
         pooled = (x * valid).sum(dim=(2, 3, 4)) / (valid.sum(dim=(2, 3, 4)) * x.shape[3] * x.shape[4])
         return self.classifier(self.dropout(pooled))
 
