@@ -397,9 +397,32 @@ def extract_shard(
         if writer is not None and not writer.n_clips:
             raise _NoClipStored
     report()
-    logger.info("%s: %d clips, %d frames, %d failed, in %.1f s", shard.name if summary.done else "(no shard)",
-                summary.done, summary.frames, len(summary.failures), time.monotonic() - started)
+    logger.info("%s: %d clips, %d frames, %d failed, in %.1f s (process %d, torch threads %d)",
+                shard.name if summary.done else "(no shard)", summary.done, summary.frames, len(summary.failures),
+                time.monotonic() - started, os.getpid(), torch.get_num_threads())
     return summary
+
+
+def _shard_task(settings: ExtractSettings, attrs: dict, entries: list[ClipEntry], shard: Path):
+    """The joblib task extracting one shard. A Dask worker logs as its cluster does; a local
+    worker as this process (`-v`)."""
+    if settings.backend == "dask":
+        return delayed(extract_shard)(settings, attrs, entries, shard)
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else None
+    return delayed(_extract_shard_logged)(root.getEffectiveLevel(), formatter, settings, attrs, entries, shard)
+
+
+def _extract_shard_logged(level: int, formatter: logging.Formatter | None, *args) -> Summary:
+    """`extract_shard` in a local worker process: it writes to the command's stderr, but a fresh
+    process has no log handler of its own, so without one `-v` would show nothing of its clips."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level)
+    return extract_shard(*args)
 
 
 def _stored(writer: ShardWriter, clip: ClipFeatures) -> ClipFeatures | Failure:
@@ -518,7 +541,7 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
             else:
                 # One call per task, so each task writes exactly one shard.
                 results = Parallel(n_jobs=n_jobs, batch_size=1, return_as="generator_unordered")(
-                    delayed(extract_shard)(settings, attrs, chunk, shard) for chunk, shard in jobs
+                    _shard_task(settings, attrs, chunk, shard) for chunk, shard in jobs
                 )
             for result in results:
                 summary.add(result)

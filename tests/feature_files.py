@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features import ClipFeatures, ShardWriter, write_index
+from features import ClipFeatures, ShardWriter, open_features, write_index
 from features.labels import CHEAVD_CLASSES
 from features.schema import shard_name
 
@@ -119,3 +119,27 @@ def write_planted_set(root: Path, signal: str, clips: dict[str, int], seed: int 
                 writer.add_clip(planted_clip(f"{split}/{i:04d}", label, face_code, context_code, rng, context_dim))
         write_index(folder)
     return root
+
+
+def read_all(folder: Path) -> dict[str, dict]:
+    """Every clip of a feature folder, by id."""
+    with open_features(folder) as features:
+        return {clip_id: features[clip_id] for clip_id in features.clip_ids}
+
+
+def assert_same_clips(result: dict, reference: dict) -> None:
+    """The same clips, labels and sources, and every stored array equal bit for bit (same dtype).
+
+    Only runs on the same torch threads compare so: on other threads torch sums in another
+    order (tests/threads.py).
+    """
+    assert sorted(result) == sorted(reference)
+    for clip_id, expected in reference.items():
+        got = result[clip_id]
+        assert got.keys() == expected.keys(), clip_id
+        for name, value in expected.items():
+            if isinstance(value, np.ndarray):
+                assert got[name].dtype == value.dtype, (clip_id, name)
+                np.testing.assert_array_equal(got[name], value, err_msg=f"{clip_id} {name}")
+            else:
+                assert got[name] == value, (clip_id, name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -22,9 +20,9 @@ from features.schema import shard_files
 from features.tools import validate
 from manifests.manifest import ClipEntry, write_manifest
 from predict.predict import settings_from_run
+from tests.cli_runs import one_line_error, run_cli
 from tests.media import moving_face, photo, write_clip
 
-ROOT = Path(__file__).resolve().parents[1]
 quiet = lambda line: None  # noqa: E731
 
 
@@ -117,10 +115,6 @@ def test_a_face_that_leaves_between_keyframes_is_dropped_not_held(networks, tmp_
     assert recording.batches[1].shape == (1, TRACK_REGION_SIZE, TRACK_REGION_SIZE, 3), "sample 1 was looked at"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def manifest(clips, tmp_path_factory):
     path = tmp_path_factory.mktemp("manifest") / "m.csv"
@@ -135,16 +129,16 @@ def extract_with(manifest: Path, out: Path, every: int):
 
 
 def test_detect_every_0_is_a_usage_error(manifest, tmp_path):
-    done = cli("extract", "--manifest", str(manifest), "--split", "train", "--out", str(tmp_path), "--detect-every", "0")
-    assert done.returncode == 2 and "Invalid value for '--detect-every'" in done.stderr
+    status, _, stderr = run_cli("extract", "--manifest", manifest, "--split", "train", "--out", tmp_path,
+                                "--detect-every", "0")
+    assert status == 2 and "Invalid value for '--detect-every'" in stderr
 
 
 def test_shards_made_with_k3_are_refused_when_resumed_with_k1(manifest, tmp_path, weight_path):
     assert extract_with(manifest, tmp_path, 3).done == 1
-    resumed = cli("extract", "--manifest", str(manifest), "--split", "train", "--out", str(tmp_path),
-                  "--context-backbone", "mobilenet_v2", "--quiet")
-    assert resumed.returncode == 1
-    assert len(resumed.stderr.strip().splitlines()) == 1 and "detect_every: 3 != 1" in resumed.stderr
+    one_line_error(*run_cli("extract", "--manifest", manifest, "--split", "train", "--out", tmp_path,
+                            "--context-backbone", "mobilenet_v2", "--device", "cpu", "--quiet")[::2],
+                   "detect_every: 3 != 1")
 
 
 def forget_detect_every(folder: Path) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import subprocess
-import sys
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -28,10 +27,10 @@ from features.layout import FAILURES_FILE
 from features.schema import FRAME_ARRAY_NAMES
 from features.tools import recorded_failures, validate
 from manifests.manifest import ClipEntry, write_manifest
+from tests.cli_runs import run_cli
 from tests.feature_files import write_planted_set
 from tests.media import moving_face, write_clip
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet")
 # Valid videos (libx264 in 4:4:4 takes odd sides) whose frames no network was made for.
 EXTREME_SHAPES = ((1, 10000), (10000, 1), (2, 10000), (10000, 2), (8, 8), (1, 1))
@@ -232,6 +231,27 @@ def test_a_shard_whose_every_clip_is_refused_is_not_written(three_clips, tmp_pat
     assert not [p.name for p in settings.folder.iterdir() if ".h5" in p.name], "no shard, no temporary file"
 
 
+def test_a_failed_clip_is_retried_once_its_file_changes_and_only_then(tmp_path, weight_path):
+    for name in WEIGHTS:
+        weight_path(name)
+    video = tmp_path / "clip.mp4"
+    video.write_text("not a video")
+    settings = extract_settings([ClipEntry("clip", video, "happy", "train")], tmp_path)
+    run = lambda: extract_split(settings, progress=False, log=quiet)  # noqa: E731
+    outcome = lambda summary: (summary.done, summary.earlier_failures, [f.stage for f in summary.failures])  # noqa: E731
+    assert outcome(run()) == (0, 0, ["decode"])
+    assert outcome(run()) == (0, 1, ["decode"]), "unchanged: not retried"
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched: same bytes, newer
+    assert outcome(run()) == (0, 0, ["decode"]), "touched: retried, and failing again"
+    assert outcome(run()) == (0, 1, ["decode"])
+    write_clip(video, moving_face("coffee", frames=5))  # replaced by a good video
+    assert outcome(run()) == (1, 0, [])
+    assert read_failures(settings.folder / FAILURES_FILE) == []
+    with open_features(settings.folder) as stored:
+        assert stored.clip_ids == ["clip"]
+
+
 def test_extreme_frame_shapes_between_good_clips_are_extracted(tmp_path, weight_path):
     for name in WEIGHTS:
         weight_path(name)
@@ -244,11 +264,11 @@ def test_extreme_frame_shapes_between_good_clips_are_extracted(tmp_path, weight_
                              "train"))
     manifest = tmp_path / "m.csv"
     write_manifest(entries, manifest)
-    args = [sys.executable, "cli.py", "extract", "--manifest", str(manifest), "--split", "train", "--out",
-            str(tmp_path / "out"), "--context-backbone", "mobilenet_v2", "--detect-every", "3", "--quiet"]
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "8 clips extracted, 0 already done, 0 failed" in done.stdout
+    args = ["extract", "--manifest", manifest, "--split", "train", "--out", tmp_path / "out", "--context-backbone",
+            "mobilenet_v2", "--detect-every", "3", "--device", "cpu", "--quiet"]
+    status, stdout, stderr = run_cli(*args)
+    assert status == 0, stderr
+    assert "8 clips extracted, 0 already done, 0 failed" in stdout
     folder = tmp_path / "out" / "train"
     assert read_failures(folder / FAILURES_FILE) == [] and validate(folder) == []
     with open_features(folder) as stored:
@@ -257,8 +277,8 @@ def test_extreme_frame_shapes_between_good_clips_are_extracted(tmp_path, weight_
         for height, width in EXTREME_SHAPES:
             clip = stored[f"{height}x{width}"]
             assert len(clip["timestamps"]) == 1 and not clip["has_face"].any(), "no face is a fine answer"
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 0 and "0 clips extracted, 8 already done, 0 failed" in again.stdout, again.stderr
+    status, stdout, stderr = run_cli(*args)
+    assert status == 0 and "0 clips extracted, 8 already done, 0 failed" in stdout, stderr
 
 
 GARBAGE = {
