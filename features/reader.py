@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 
+from outputs import write_atomically
 from features.schema import (
     BUILT_IN_FILTERS,
     CHUNK_BYTES,
@@ -475,13 +475,8 @@ def save_index(root: Path, folders: list[str], shards: list[ShardInfo]) -> Path:
         ],
     }
     target = root / INDEX_NAME
-    # A new temporary file (O_EXCL, never through a planted link) replaces the index: a link
-    # at index.json is replaced, its target never written.
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=root, prefix=f".{INDEX_NAME}.", delete=False) as out:
-        json.dump(index, out, indent=1)
-        # Temporary files are private (0600); the index is shared like the shards beside it.
-        os.fchmod(out.fileno(), 0o644)
-    os.replace(out.name, target)
+    # A link at index.json is replaced, its target never written.
+    write_atomically(target, lambda temporary: temporary.write_text(json.dumps(index, indent=1), encoding="utf-8"))
     return target
 
 

@@ -93,9 +93,18 @@ def only_writer(folder: Path) -> Iterator[None]:
                     f"the file system of {folder} refuses file locks ({exc.strerror}): set HDF5_USE_FILE_LOCKING=FALSE"
                     " to write there without locks (then run one writer per folder), or use a local --out"
                 ) from None
-        for leftover in temp_files(folder):
+        for leftover in files_of_killed_writers(folder):
             leftover.unlink()
         yield
+
+
+def files_of_killed_writers(folder: Path) -> list[Path]:
+    """Temporary shards, indexes and failures files (and an index's of a version before
+    `write_atomically` named them all alike)."""
+    return temp_files(folder) + [
+        p for p in folder.iterdir()
+        if (is_temporary(p.name) or p.name.startswith(f".{INDEX_NAME}.")) and not p.is_dir()
+    ]
 
 
 @contextmanager

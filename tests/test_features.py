@@ -230,6 +230,23 @@ def test_one_writer_per_folder_and_the_file_systems_without_locks_name_the_switc
         pass
 
 
+def test_the_one_writer_removes_every_temporary_file_killed_writers_left_and_nothing_else(tmp_path):
+    """A kill while a shard, the index or the failures file was being written leaves its
+    temporary file; the next writer of the folder removes them, and only them."""
+    folder = tmp_path / "out"
+    killed = [f".{shard_name(0)}.tmp-123-beef", ".index.json.beef.part", ".failures.csv.cafe.part",
+              ".index.json.k2x9_3"]  # the last named as indexes were before every write was alike
+    kept = [shard_name(1), "index.json", "failures.csv", ".hidden", "notes.part"]
+    folder.mkdir()
+    for name in killed + kept:
+        (folder / name).write_text("x")
+    (folder / ".shard.part").mkdir()  # not a file any writer makes
+    with writer.only_writer(folder):
+        left = {p.name for p in folder.iterdir()}
+    assert left == {*kept, ".shard.part", writer.WRITER_LOCK_FILE}
+    assert all(writer.writes_into_set(name) for name in killed)
+
+
 def test_a_stale_or_missing_index_falls_back_to_the_shard_files(tmp_path):
     three_shards(tmp_path)
     write_shard(tmp_path, 3, [make_clip("d1", 3)])  # written after the index
