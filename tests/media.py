@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import av
 import numpy as np
 import skimage.data
+from PIL import Image
+
+from demo.sample_set import FACES
 
 # Hand-annotated from the photo: Eileen Collins' face, forehead to chin (x1, y1, x2, y2).
 ASTRONAUT_FACE_BOX = (180, 65, 268, 175)
 SCENES_WITHOUT_FACES = ("chelsea", "coffee", "rocket")
 HEAD = (slice(20, 220), slice(120, 320))  # rows, cols of the astronaut photo around her head
+# The demo's head squares (demo/sample_set.py, FACES) are this many times the longest side of
+# the face's box, centred on it.
+HEAD_PER_FACE = 1.7
 
 
 def photo(name: str) -> np.ndarray:
@@ -84,3 +91,27 @@ def moving_face(scene: str, frames: int = 50, step: int = 4) -> list[np.ndarray]
         frame[100:300, 40 + step * i : 240 + step * i] = head
         out.append(frame)
     return out
+
+
+@lru_cache(maxsize=None)
+def head(face: str, side: int) -> np.ndarray:
+    """The head square of one of the demo's real face photos (a key of demo.sample_set.FACES), side x side RGB."""
+    left, top, square = FACES[face].head
+    image = FACES[face].photo.load().crop((left, top, left + square, top + square))
+    return np.asarray(image.resize((side, side), Image.BILINEAR))
+
+
+def face_box(left: int, top: int, side: int) -> np.ndarray:
+    """Where the face of a head square pasted at (left, top) lies: a square HEAD_PER_FACE times smaller."""
+    centre, half = np.array([left + side / 2, top + side / 2]), side / HEAD_PER_FACE / 2
+    return np.concatenate([centre - half, centre + half]).astype(np.float32)
+
+
+def heads_on_scene(scene: str, size: tuple[int, int], heads) -> np.ndarray:
+    """A scene photo scaled to `size` (height, width) with head squares (face, left, top, side) pasted on it."""
+    height, width = size
+    frame = np.array(Image.fromarray(photo(scene)).resize((width, height), Image.BILINEAR))
+    for face, left, top, side in heads:
+        assert 0 <= left and 0 <= top and left + side <= width and top + side <= height, (face, left, top, side)
+        frame[top : top + side, left : left + side] = head(face, side)
+    return frame

