@@ -1,0 +1,53 @@
+"""Check the demo's promise on its own results (README, "The demo"): on the validation split the
+fusion models reach 100% accuracy, face-only and context-only 50%.
+
+CI runs it after `./run main`:
+
+    python -m demo.check_results outputs/demo      # the demo's folder (`cli.py demo --out`)
+
+Prints one line per model that misses, and exits 1 if any does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from demo.run import MODELS
+from train.loop import EVAL_PREFIX
+
+PROMISED_ACCURACY = {"face": 0.5, "context": 0.5, "concat": 1.0, "parallel": 1.0, "caca": 1.0}
+
+
+def broken_promises(out: Path) -> list[str]:
+    """One line per demo model whose validation accuracy (its eval-val/metrics.json) is not the promised one."""
+    problems = []
+    for model in MODELS:
+        metrics_file = out / "runs" / model / f"{EVAL_PREFIX}val" / "metrics.json"
+        try:
+            accuracy = json.loads(metrics_file.read_text())["accuracy"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{model}: no validation accuracy in {metrics_file} ({exc}); run `python cli.py demo`")
+            continue
+        if not math.isclose(accuracy, PROMISED_ACCURACY[model], abs_tol=1e-9):
+            problems.append(f"{model}: validation accuracy {accuracy:.4f}, the README promises "
+                            f"{PROMISED_ACCURACY[model]:.0%} ({metrics_file})")
+    return problems
+
+
+def main(args: list[str]) -> int:
+    if len(args) != 1:
+        print("usage: python -m demo.check_results DEMO_FOLDER", file=sys.stderr)
+        return 2
+    problems = broken_promises(Path(args[0]))
+    for line in problems:
+        print(f"demo check: {line}", file=sys.stderr)
+    if not problems:
+        print(f"demo check: {', '.join(f'{m} {PROMISED_ACCURACY[m]:.0%}' for m in MODELS)} on validation, as promised")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
