@@ -7,42 +7,33 @@ modules, where they are defined once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from features.layout import DEFAULT_ROOT
+from errors import UserError
+from extract.settings import BACKBONES, BACKENDS, PRECISIONS, ExtractSettings
+from features.recipe import CONTEXT_DTYPES
 from outputs import plain_name_problem
-from extract.settings import (
-    BACKBONES, BACKENDS, DEFAULT_CONTEXT_BACKBONE, DEFAULT_FPS, DEFAULT_MANIFEST, DEFAULT_PRECISION,
-    PRECISIONS,
-)
 from train.config import (
-    ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS,
+    ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS, TrainConfig,
 )
 
 DEFAULT_DEMO_OUT = Path("outputs/demo")
-# Problems users can fix, by module and class name: an exception of one of these classes can
-# only have been raised if its module was loaded, so checking them loads nothing.
-USER_ERRORS = {
-    "extract.weights": "WeightsError",
-    "devices": "DeviceError",
-    "manifests.manifest": "ManifestError",
-    "extract.pipeline": "ExtractError",
-    "features.schema": "FeatureFileError",
-    "train.loop": "TrainError",
-    "predict.predict": "PredictError",
-    "demo.sample_set": "DemoError",
-    "outputs": "OutputError",
-}
+
+
+def defaults_of(settings_class) -> dict:
+    """An option's default is its settings dataclass's field default, defined there once."""
+    return {field.name: field.default for field in dataclasses.fields(settings_class)}
+
+
+EXTRACTION = defaults_of(ExtractSettings)
+TRAINING = defaults_of(TrainConfig)
 # Exit statuses scripts can rely on (documented in the README).
 EXIT_ERROR, EXIT_CLIPS_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 4, 130
-
-
-def user_error_classes() -> tuple[type[Exception], ...]:
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 class OneLineErrors(click.Group):
@@ -60,7 +51,7 @@ class OneLineErrors(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except Exception as exc:
-            if isinstance(exc, user_error_classes()):
+            if isinstance(exc, UserError):
                 self._fail(ctx, f"error: {exc}", EXIT_ERROR)
             self._fail(ctx, f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback; please"
                             " report it)", EXIT_INTERNAL)
@@ -272,30 +263,35 @@ def manifest_check(manifest, split):
 @cli.command()
 @click.option("--split", required=True, callback=plain_split,
               help="Which split of the manifest to extract (train, val, test...).")
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MANIFEST, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=EXTRACTION["manifest"],
+              show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=EXTRACTION["out"], show_default=True,
               help="Output root; shards go to OUT/SPLIT/.")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FPS, show_default=True,
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=EXTRACTION["fps"], show_default=True,
               help="Sampling rate (the paper: 5).")
-@click.option("--context-backbone", type=click.Choice(sorted(BACKBONES)), default=DEFAULT_CONTEXT_BACKBONE,
+@click.option("--context-backbone", type=click.Choice(sorted(BACKBONES)), default=EXTRACTION["context_backbone"],
               show_default=True,
               help="Context CNN (the paper: squeezenet1_1).")
-@click.option("--detect-every", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--detect-every", type=click.IntRange(min=1), default=EXTRACTION["detect_every"], show_default=True,
               help="Run the face detector on every K-th sampled frame and track faces between (the paper: 1).")
 @click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Frames per CNN call.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Clips per shard file (fewer when --workers would otherwise have no shard to write).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=EXTRACTION["batch_size"], show_default=True,
+              help="Frames gathered across clips before the networks run over them (in calls of the size that"
+                   " suits the device, extract/runtime.py); also the most frames of a clip decoded at once.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=EXTRACTION["shard_size"], show_default=True,
+              help="Clips per shard file (fewer when --workers would otherwise have no shard to write).")
+@click.option("--workers", type=click.IntRange(min=1), default=EXTRACTION["workers"], show_default=True,
               help="Processes, each writing its own shards.")
 @click.option("--num-shards", type=click.IntRange(min=1),
               help="Split the clips into N parts of near-equal total duration, one per machine or job (with --shard-index).")
 @click.option("--shard-index", type=click.IntRange(min=0),
               help="The part (0..N-1) this run extracts, into OUT/SPLIT/part-I-of-N/.")
-@click.option("--backend", type=click.Choice(BACKENDS), default=BACKENDS[0], show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default=EXTRACTION["backend"], show_default=True,
               help="local: --workers processes here; dask: the tasks go to the Dask cluster at --scheduler.")
 @click.option("--scheduler", help="Dask scheduler address (tcp://host:8786), for --backend dask.")
-@click.option("--context-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
+@click.option("--context-dtype", type=click.Choice(CONTEXT_DTYPES), default=EXTRACTION["context_dtype"], show_default=True,
+              help="How context features are stored: float16 halves the files.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=EXTRACTION["precision"], show_default=True,
               help="How the frozen CNNs compute: float32 as trained; bfloat16 (recent CPUs) or float16 (GPUs)"
                    " is faster, with features close to float32's (see benchmarks/README.md).")
 @click.option("--save-crops", is_flag=True, help="Also store the 128x128 face crops (about 49 KB a frame before compression).")
@@ -321,7 +317,7 @@ def extract(quiet, **options):
       python cli.py features merge /shared/feats/train/part-*-of-3 --out /shared/feats/train
       python cli.py extract --split train --out /shared/feats --backend dask --scheduler tcp://10.0.0.5:8786
     """
-    from extract.pipeline import ExtractSettings, extract_split
+    from extract.pipeline import extract_split
 
     settings = ExtractSettings(**options)
     summary = extract_split(settings, progress=not quiet, log=lambda line: click.echo(line, err=True))
@@ -427,20 +423,20 @@ def features_repack(source, out, compression, overwrite):
 def training_options(command):
     """Options shared by `train` and `compare`."""
     options = [
-        click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT,
+        click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=TRAINING["features"],
                      show_default=True, help="Root holding one folder of shards per split (extract's --out)."),
-        click.option("--train-split", default="train", show_default=True, callback=plain_split),
-        click.option("--val-split", default="val", show_default=True, callback=plain_split),
-        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+        click.option("--train-split", default=TRAINING["train_split"], show_default=True, callback=plain_split),
+        click.option("--val-split", default=TRAINING["val_split"], show_default=True, callback=plain_split),
+        click.option("--epochs", type=click.IntRange(min=1), default=TRAINING["epochs"], show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=TRAINING["batch_size"], show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TRAINING["lr"], show_default=True,
                      help="Adam learning rate (the paper: 1e-4)."),
         click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu)."),
-        click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--num-workers", type=click.IntRange(min=0), default=TRAINING["num_workers"], show_default=True,
                      help="DataLoader worker processes."),
         click.option("--class-weighting", is_flag=True,
                      help="Weight the loss by inverse class frequency (rare classes such as worried count more)."),
-        click.option("--preload", type=click.Choice(PRELOAD_CHOICES), default="auto", show_default=True,
+        click.option("--preload", type=click.Choice(PRELOAD_CHOICES), default=TRAINING["preload"], show_default=True,
                      help="Read every clip into memory before training; auto: when it takes at most half the"
                           " available memory."),
     ]
@@ -453,7 +449,7 @@ def training_options(command):
 @click.option("--model", required=True, type=click.Choice([*TRAINABLE_MODELS, *ALIASES]),
               help="face, context, concat, parallel, caca (= caca-a), caca-b or c3d (the 2D-3D-CNN).")
 @training_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=TRAINING["seed"], show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder (default: runs/MODEL-seedS): new, empty, or an unfinished run of the same settings.")
 @overwrite_option
@@ -489,12 +485,13 @@ def evaluate(run_folder, split, features, device):
     Example:
       python cli.py evaluate --run runs/caca-seed0 --split test
     """
+    from train.layout import PREDICTIONS_FILE, evaluation_folder
     from train.loop import evaluate_run
 
     metrics = evaluate_run(run_folder, split, features, device)
-    out = run_folder / f"eval-{split}"
+    out = evaluation_folder(run_folder, split)
     if metrics is None:
-        click.echo(f"{split} has no labels: predictions only, in {out / 'predictions.csv'}")
+        click.echo(f"{split} has no labels: predictions only, in {out / PREDICTIONS_FILE}")
     else:
         click.echo(f"{split}: mAP {metrics.map:.4f}, accuracy {metrics.accuracy:.4f} ({metrics.count} clips); see {out}")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from errors import UserError
 
-class DeviceError(Exception):
+
+class DeviceError(UserError):
     """A device this machine does not have; one line saying what to ask for instead."""
 
 

@@ -22,6 +22,8 @@ import unicodedata
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
+from errors import UserError
+
 TEMP_SUFFIX = ".part"
 MAX_NAME_CHARS = 100
 # A file system's limit on one name is 255 bytes; an encoded component is cut well below it,
@@ -34,7 +36,7 @@ TAG_CHARS = 12
 ENCODED = {"%", "\\"}
 
 
-class OutputError(Exception):
+class OutputError(UserError):
     """An output a command will not write (a user's folder or file, a name that would escape); one line."""
 
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.extract_benchmark import SCENES, SIZE, make_clip, scene_frame  # noqa: E402
 from demo.sample_set import FACES  # noqa: E402
 from extract import faces  # noqa: E402
-from extract.pipeline import ExtractSettings, embed_clips, load_networks  # noqa: E402
+from extract.clips import embed_clips, load_networks  # noqa: E402
+from extract.settings import ExtractSettings  # noqa: E402
 from features.failures import Failure  # noqa: E402
 from manifests.manifest import ClipEntry  # noqa: E402
 from tests.media import HEAD, photo, write_clip  # noqa: E402

@@ -37,10 +37,13 @@ import av  # noqa: E402
 
 from extract.context_cnn import context_crops  # noqa: E402
 from extract.faces import crop_every_face, detect_downscaled  # noqa: E402
-from extract.pipeline import ExtractSettings, extract_split, feature_attrs, load_networks  # noqa: E402
+from extract.clips import load_networks, recipe_of  # noqa: E402
+from extract.pipeline import extract_split, feature_attrs  # noqa: E402
 from extract.runtime import keep_freed_memory_for_reuse  # noqa: E402
+from extract.settings import ExtractSettings  # noqa: E402
 from extract.video import _TOLERANCE as SAMPLING_TOLERANCE, sample_frames  # noqa: E402
-from features import ClipFeatures, ShardWriter  # noqa: E402
+from features.schema import ClipFeatures  # noqa: E402
+from features.writer import ShardWriter  # noqa: E402
 from manifests.manifest import ClipEntry, write_manifest  # noqa: E402
 from tests.media import photo, write_clip  # noqa: E402
 
@@ -181,7 +184,7 @@ def stage_rows(paths: list[Path], settings: ExtractSettings) -> tuple[list[str],
 def write_shard(settings: ExtractSettings, context_dim: int, clips: list[np.ndarray]) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        with ShardWriter(Path(tmp) / "shard-00000.h5", feature_attrs(settings), settings.context_dtype) as writer:
+        with ShardWriter(Path(tmp) / "shard-00000.h5", feature_attrs(settings, recipe_of(settings)), settings.context_dtype) as writer:
             for i, clip in enumerate(clips):
                 t = len(clip)
                 writer.add_clip(ClipFeatures(

@@ -26,7 +26,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from features import ShardWriter, open_features, write_index  # noqa: E402
+from features.reader import open_features, write_index  # noqa: E402
+from features.writer import ShardWriter  # noqa: E402
 from features.schema import shard_name  # noqa: E402
 from features.tools import repack  # noqa: E402
 from tests.feature_files import extractor_attrs, planted_clip  # noqa: E402

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from demo.run import MODELS
-from train.loop import EVAL_PREFIX
+from train.layout import METRICS_FILE, evaluation_folder
 
 PROMISED_ACCURACY = {"face": 0.5, "context": 0.5, "concat": 1.0, "parallel": 1.0, "caca": 1.0}
 
@@ -25,7 +25,7 @@ def broken_promises(out: Path) -> list[str]:
     """One line per demo model whose validation accuracy (its eval-val/metrics.json) is not the promised one."""
     problems = []
     for model in MODELS:
-        metrics_file = out / "runs" / model / f"{EVAL_PREFIX}val" / "metrics.json"
+        metrics_file = evaluation_folder(out / "runs" / model, "val") / METRICS_FILE
         try:
             accuracy = json.loads(metrics_file.read_text())["accuracy"]
         except (OSError, ValueError, KeyError, TypeError) as exc:

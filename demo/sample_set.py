@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
+from errors import UserError
 from extract.weights import sha256_of
 from manifests.builders import build_folder
 from manifests.manifest import ClipEntry, ManifestError, read_manifest, write_manifest
@@ -45,7 +46,7 @@ BUILDING_FOLDER = f".{CLIPS_FOLDER}-building"
 CONFIG_NAME = "sample-set.json"
 
 
-class DemoError(Exception):
+class DemoError(UserError):
     """A problem with the demo's inputs that the user can fix; one line."""
 
 

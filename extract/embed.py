@@ -26,6 +26,8 @@ from extract.context_cnn import ContextCNN, context_crops
 from extract.face_cnn import FACE_FEATURE_DIM, FACE_MAP_SHAPE, FaceCNN
 from extract.faces import choose_main_face, crop_every_face, detect_every_kth
 from extract.retinaface import FaceDetections, RetinaFaceDetector
+from extract.video import VideoInfo
+from manifests.manifest import ClipEntry
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ class StageError:
 
 @dataclass
 class ClipInProgress:
-    """One clip's results so far; `tag` is whatever the caller needs to recognise it later."""
+    """One clip's results so far."""
 
-    tag: object
+    entry: ClipEntry
+    info: VideoInfo | None = None  # its video's, once its decoding has ended well
     frame_area: float = 0.0
     timestamps: list[float] = field(default_factory=list)
     detections: list[FaceDetections] = field(default_factory=list)

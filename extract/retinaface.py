@@ -24,7 +24,9 @@ from extract.runtime import (
     InputNormalisation, as_nhwc_uint8, autocast, checked_precision, frames_per_call, network_input,
     prepared_for_inference,
 )
-from extract.settings import DEFAULT_PRECISION
+from extract.settings import (
+    DEFAULT_DETECTOR, DEFAULT_PRECISION, DEFAULT_SCORE_THRESHOLD, VARIANTS, RetinaFaceVariant,
+)
 from extract.weights import load_state_dict_checked, verified_path
 
 # The checkpoints were trained on BGR images (OpenCV) with these per-channel means subtracted.
@@ -33,25 +35,7 @@ NORMALISATION = InputNormalisation(channels=(2, 1, 0), mean=BGR_MEAN, std=(1.0, 
 VARIANCE = (0.1, 0.2)
 STEPS = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
-DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_NMS_THRESHOLD = 0.4
-
-
-@dataclass(frozen=True)
-class RetinaFaceVariant:
-    backbone: str
-    weight_name: str
-    in_channels: tuple[int, int, int]
-    out_channels: int
-
-
-VARIANTS = {
-    v.backbone: v
-    for v in (
-        RetinaFaceVariant("mobilenet0.25", "retinaface-mobilenet0.25", (64, 128, 256), 64),
-        RetinaFaceVariant("resnet50", "retinaface-resnet50", (512, 1024, 2048), 256),
-    )
-}
 
 
 def conv_bn(inp: int, out: int, stride: int = 1, leaky: float = 0.0, kernel: int = 3, act: bool = True) -> nn.Sequential:
@@ -225,7 +209,7 @@ class RetinaFaceDetector:
 
     def __init__(
         self,
-        backbone: str = "mobilenet0.25",
+        backbone: str = DEFAULT_DETECTOR,
         weights_path: Path | None = None,
         device: str | None = None,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,

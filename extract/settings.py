@@ -1,4 +1,5 @@
-"""What stage 1 can be set to: its defaults and the context backbones on offer.
+"""What stage 1 can be set to: its defaults, the face detectors and context backbones on offer,
+and the settings of one extraction (`ExtractSettings`), checked (`check_options`).
 
 Kept free of torch, torchvision and PyAV so that the command line can show its options and
 help at once; the modules that do the work import these names from here.
@@ -6,8 +7,14 @@ help at once; the modules that do the work import these names from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from errors import UserError
+from features.layout import DEFAULT_ROOT, PART_FOLDER
+from features.recipe import CONTEXT_DTYPES, RECIPE_ATTRS, FeatureRecipe
+from outputs import check_plain_name
 
 DEFAULT_FPS = 5.0  # the paper's sampling rate
 DEFAULT_MANIFEST = Path("manifests/cheavd.csv")
@@ -19,6 +26,26 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 DEFAULT_PRECISION = "float32"
 # Where extraction tasks run: processes on this machine, or a Dask cluster's workers.
 BACKENDS = ("local", "dask")
+DASK_INSTALL = "pip install 'caca-rnn[dask]'"
+DEFAULT_DETECTOR = "mobilenet0.25"
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class RetinaFaceVariant:
+    backbone: str
+    weight_name: str
+    in_channels: tuple[int, int, int]
+    out_channels: int
+
+
+VARIANTS = {
+    v.backbone: v
+    for v in (
+        RetinaFaceVariant("mobilenet0.25", "retinaface-mobilenet0.25", (64, 128, 256), 64),
+        RetinaFaceVariant("resnet50", "retinaface-resnet50", (512, 1024, 2048), 256),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -52,3 +79,77 @@ def backbone_for(name: str) -> ContextBackbone:
     if name not in BACKBONES:
         raise ValueError(f"unknown context backbone '{name}'; choose from {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+class ExtractError(UserError):
+    """A problem with the run's inputs or output folder that the user can fix; one line."""
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """One extraction: the choices of its FeatureRecipe (the fields named as the recipe's, and
+    `detector_backbone`, whose weights are the recipe's `detector`), and the job's own fields."""
+
+    split: str
+    manifest: Path = DEFAULT_MANIFEST
+    out: Path = DEFAULT_ROOT
+    fps: float = DEFAULT_FPS
+    context_backbone: str = DEFAULT_CONTEXT_BACKBONE
+    detector_backbone: str = DEFAULT_DETECTOR
+    detector_threshold: float = DEFAULT_SCORE_THRESHOLD
+    detect_every: int = 1  # full detection on every k-th sampled frame, tracking between; 1: the paper's
+    device: str | None = None
+    batch_size: int = 64
+    shard_size: int = 64
+    workers: int = 1
+    context_dtype: str = CONTEXT_DTYPES[0]
+    save_crops: bool = False
+    precision: str = DEFAULT_PRECISION
+    num_shards: int | None = None
+    shard_index: int | None = None
+    backend: str = "local"
+    scheduler: str | None = None
+    overwrite: bool = False  # write into a folder holding more than a feature set's files
+
+    @property
+    def folder(self) -> Path:
+        if self.num_shards is None:
+            return self.out / self.split
+        return self.out / self.split / PART_FOLDER.format(index=self.shard_index, count=self.num_shards)
+
+
+# The settings a recipe holds as they are; the rest of a recipe follows from them, the code and
+# the weights (`extract.clips.recipe_of`).
+RECIPE_CHOICES = tuple(field.name for field in fields(ExtractSettings) if field.name in RECIPE_ATTRS)
+
+
+def settings_for(recipe: FeatureRecipe, **job) -> ExtractSettings:
+    """The settings that extract as `recipe` says (its detector one of VARIANTS'), with the job's
+    fields (split, device...) from `job`."""
+    detector = next(backbone for backbone, variant in VARIANTS.items() if variant.weight_name == recipe.detector)
+    return ExtractSettings(detector_backbone=detector, **{name: getattr(recipe, name) for name in RECIPE_CHOICES},
+                           **job)
+
+
+def check_options(settings: ExtractSettings) -> None:
+    """The option combinations a user can get wrong, as one-line ExtractErrors, before any work."""
+    check_plain_name(settings.split, "split")
+    if (settings.num_shards is None) != (settings.shard_index is None):
+        raise ExtractError("--num-shards and --shard-index go together: give both (e.g. --num-shards 3 --shard-index 0)")
+    if settings.num_shards is not None and not 0 <= settings.shard_index < settings.num_shards:
+        raise ExtractError(
+            f"--shard-index {settings.shard_index} is outside 0..{settings.num_shards - 1} (--num-shards {settings.num_shards})"
+        )
+    if settings.backend not in BACKENDS:
+        raise ExtractError(f"--backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
+    if settings.backend == "local" and settings.scheduler is not None:
+        raise ExtractError("--scheduler is used only with --backend dask")
+    if settings.backend == "dask":
+        if settings.scheduler is None:
+            raise ExtractError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
+        if settings.workers > 1:
+            raise ExtractError("--workers is for the local backend; with --backend dask the cluster's workers run the tasks")
+        try:
+            importlib.import_module("distributed")
+        except ImportError:
+            raise ExtractError(f"--backend dask needs Dask's distributed package: {DASK_INSTALL}") from None

@@ -27,12 +27,15 @@ from typing import Callable, Union
 
 from tqdm import tqdm
 
+from errors import UserError
+from outputs import write_atomically
+
 CACHE_ENV = "CACA_WEIGHTS_DIR"
 DOWNLOAD_TIMEOUT_S = 30
 CHUNK = 1 << 20
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """A problem the user can fix (missing, corrupt or unreachable weights); one line."""
 
 
@@ -210,18 +213,14 @@ def _check_hash(spec: WeightSpec, candidate: Path, origin: str) -> None:
 
 def _install_verified(spec: WeightSpec, cache: Path, write: Callable[[Path], None], origin: str) -> Path:
     """Write via `write` into a temporary file beside the target; rename only once verified."""
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=cache)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        _check_hash(spec, tmp, origin)
-        target = cache / spec.filename
-        os.replace(tmp, target)
-        return target
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write_verified(temporary: Path) -> None:
+        write(temporary)
+        _check_hash(spec, temporary, origin)
+
+    target = cache / spec.filename
+    write_atomically(target, write_verified)
+    return target
 
 
 def _download_url(url: str, dest: Path) -> None:

@@ -18,6 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from errors import UserError
+from features.recipe import CONTEXT_DTYPES, RECIPE_ATTRS, attr_differences, with_setting_defaults
+
 FORMAT = "caca-rnn-features"
 FORMAT_VERSION = 1
 INDEX_FORMAT = "caca-rnn-features-index"
@@ -31,7 +34,6 @@ CLIPS = "clips"
 FACE_DIM = 128
 FACE_MAP_SHAPE = (128, 4, 4)
 LANDMARK_SHAPE = (5, 2)
-CONTEXT_DTYPES = ("float16", "float32")
 
 # Per-frame arrays whose dtype and trailing shape never vary; `context` is added by
 # `frame_arrays` because its width and dtype come from the shard's attributes.
@@ -99,36 +101,13 @@ WRITER_ATTRS = (
 OPTIONAL_WRITER_ATTRS = ("json_attrs", CONTENT_SHA256)
 # Where the clips came from: differs between sets that are still comparable (train and test).
 SOURCE_ATTRS = ("split", "manifest", "manifest_sha256")
-# How the features were made: must be equal for two sets to be mixed or compared.
-SETTING_ATTRS = (
-    "fps",
-    "face_crop_size",
-    "face_crop_scale",
-    "context_size",
-    "face_backbone",
-    "face_weights_sha256",
-    "context_backbone",
-    "context_weights_sha256",
-    "context_dim",
-    "context_pooling",
-    "detector",
-    "detector_weights_sha256",
-    "detector_threshold",
-    "detector_max_side",
-    "detect_every",
-    "main_face",
-    "normalisation",
-    "classes",
-    "precision",
-)
-# Settings recorded only since a later extractor, with the value every shard written before
-# them was made with: a shard without the attribute is read as having that value.
-SETTING_DEFAULTS = {"precision": "float32", "detect_every": 1}
-EXTRACTOR_ATTRS = SOURCE_ATTRS + SETTING_ATTRS
-COMPARABILITY_KEYS = ("format_version", *SETTING_ATTRS, "context_dtype")
+# How the features were made (`recipe.FeatureRecipe`) must be equal for two sets to be mixed or
+# compared; the extractor gives the recipe's attributes but those the writer owns (context_dtype).
+EXTRACTOR_ATTRS = SOURCE_ATTRS + tuple(key for key in RECIPE_ATTRS if key not in WRITER_ATTRS)
+COMPARABILITY_KEYS = ("format_version", *RECIPE_ATTRS)
 
 
-class FeatureFileError(Exception):
+class FeatureFileError(UserError):
     """A problem with feature files the user can fix (damaged shard, wrong folder); names the file."""
 
 
@@ -391,21 +370,12 @@ def tiling_problems(table: dict[str, list], n_frames: int) -> list[str]:
     return problems
 
 
-def with_setting_defaults(attrs: dict) -> dict:
-    """`attrs` with SETTING_DEFAULTS filled in where a shard older than those settings lacks them."""
-    return {**SETTING_DEFAULTS, **attrs}
-
-
 def comparable(attrs_a: dict, attrs_b: dict) -> list[str]:
-    """Human-readable differences in COMPARABILITY_KEYS; empty when the two sets can be mixed."""
-    missing = "(missing)"
-    attrs_a, attrs_b = with_setting_defaults(attrs_a), with_setting_defaults(attrs_b)
-    differences = []
-    for key in COMPARABILITY_KEYS:
-        a, b = attrs_a.get(key, missing), attrs_b.get(key, missing)
-        if a != b:
-            differences.append(f"{key}: {a!r} != {b!r}")
-    return differences
+    """Human-readable differences in COMPARABILITY_KEYS; empty when the two sets can be mixed.
+
+    Takes attribute dicts as found (a checkpoint's may lack some): a key one lacks is a difference.
+    """
+    return attr_differences(attrs_a, attrs_b, COMPARABILITY_KEYS)
 
 
 def face_problems(has_face: np.ndarray, arrays: dict[str, np.ndarray]) -> list[str]:

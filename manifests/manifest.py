@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from errors import UserError
 from manifests.labels import UnknownLabel, canonical_label
 from manifests.spreadsheet import neutralised, restored
 from outputs import OutputError, plain_name_problem, write_atomically
@@ -38,7 +39,7 @@ class ClipEntry:
     extra: tuple[tuple[str, str], ...] = ()  # the manifest's other columns, as (column, value)
 
 
-class ManifestError(Exception):
+class ManifestError(UserError):
     """Problems a user can fix in a manifest or a dataset: a summary line, one line per problem, the fix."""
 
     def __init__(self, subject: str, problems: Sequence[str], fix: str):

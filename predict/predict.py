@@ -11,7 +11,7 @@ is still predicted.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,23 +22,24 @@ from torch import nn
 from tqdm import tqdm
 
 from devices import resolve_device
-from extract import face_cnn, retinaface
-from extract.settings import BACKBONES, PRECISIONS
-from extract.pipeline import ExtractSettings, embed_clips, load_networks, setting_attrs
+from errors import UserError
+from extract import face_cnn
+from extract.clips import embed_clips, load_networks, recipe_of, weight_names
+from extract.settings import BACKBONES, PRECISIONS, VARIANTS, ExtractSettings, settings_for
 from extract.runtime import keep_freed_memory_for_reuse
 from extract.video import VideoError
 from features.failures import Failure, file_stamp, one_line
-from features.schema import (
-    CONTEXT_DTYPES, SOURCE_ATTRS, ClipFeatures, comparable, is_int, is_positive_number, shown, with_setting_defaults,
-)
-from features.writer import shard_attrs
+from features.recipe import FeatureRecipe
+from features.schema import CONTEXT_DTYPES, ClipFeatures, frame_arrays, is_int, is_positive_number, shown
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
 from manifests.manifest import ClipEntry, read_manifest
 from manifests.spreadsheet import neutralised
 from outputs import OutputError, claim_folder, create_new_file, output_paths, same_file, write_atomically
 from predict.explain import explain_clip, thumbnails
-from train.data import UNLABELLED, clip_steps, collate, step_frames_mask
-from train.loop import COMPLETE_MARK, load_run, model_inputs
+from train.config import UNLABELLED
+from train.data import clip_steps, collate, step_frames_mask
+from train.layout import COMPLETE_MARK
+from train.loop import load_run, model_inputs
 from train.metrics import PROBABILITY_PREFIX
 from train.models import CascadeAttentionRNN
 
@@ -53,7 +54,7 @@ PICTURE_SUFFIX = ".png"
 EXPLAIN_STAGE = "explain"
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """A problem the user can fix (not a finished run, other weights, no videos); one line."""
 
 
@@ -77,76 +78,62 @@ def finished_run(run: Path, device: torch.device) -> tuple[nn.Module, dict]:
     return load_run(run, device)
 
 
-def detector_backbone_of(weight_name: str) -> str:
-    """The RetinaFace backbone whose weights are `weight_name` (one `extraction_problem` has checked)."""
-    return next(backbone for backbone, variant in retinaface.VARIANTS.items() if variant.weight_name == weight_name)
-
-
 def settings_from_run(run: Path, run_attrs: dict, device: str | None) -> ExtractSettings:
-    """The extraction settings of the run's features (its checkpoint's attributes), after checking
-    this machine would extract the same way."""
-    attrs = with_setting_defaults(run_attrs)
-    problem = extraction_problem(attrs)
-    if problem:
-        raise PredictError(f"{run}: the features it was trained on {problem}; retrain the run")
-    settings = ExtractSettings(
-        split=PREDICTION_SPLIT,
-        fps=attrs["fps"],
-        context_backbone=attrs["context_backbone"],
-        detector_backbone=detector_backbone_of(attrs["detector"]),
-        detector_threshold=attrs["detector_threshold"],
-        detect_every=attrs["detect_every"],
-        device=device,
-        # The model learnt from context features rounded to the stored dtype; rounding the same
-        # way makes a prediction equal to `evaluate`'s on the same clip's extracted features.
-        context_dtype=attrs["context_dtype"],
-        precision=attrs["precision"],
-    )
-    check_same_extraction(run, attrs, settings)
+    """The extraction settings of the run's features (the recipe in its checkpoint's attributes),
+    after checking this machine would extract the same way.
+
+    The model learnt from context features rounded to the recipe's stored dtype; rounding the
+    same way makes a prediction equal to `evaluate`'s on the same clip's extracted features.
+    """
+    recipe = run_recipe(run, run_attrs)
+    settings = settings_for(recipe, split=PREDICTION_SPLIT, device=device)
+    check_same_extraction(run, recipe, recipe_of(settings))
     return settings
 
 
-def extraction_problem(attrs: dict) -> str | None:
-    """What in a run's feature attributes no extraction here could be set to (None when all can)."""
-    if not is_positive_number(attrs.get("fps")):
-        return f"have no positive fps ({shown(attrs.get('fps'))})"
-    threshold = attrs.get("detector_threshold")
+def run_recipe(run: Path, run_attrs: dict) -> FeatureRecipe:
+    """The recipe of the run's features, once it is one an extraction here could be set to."""
+    try:
+        recipe = FeatureRecipe.from_attrs(run_attrs)
+    except ValueError as exc:
+        raise PredictError(f"{run}: the features it was trained on have {exc}; retrain the run") from None
+    problem = extraction_problem(recipe)
+    if problem:
+        raise PredictError(f"{run}: the features it was trained on {problem}; retrain the run")
+    return recipe
+
+
+def extraction_problem(recipe: FeatureRecipe) -> str | None:
+    """What in a run's recipe no extraction here could be set to (None when all can)."""
+    if not is_positive_number(recipe.fps):
+        return f"have no positive fps ({shown(recipe.fps)})"
+    threshold = recipe.detector_threshold
     if not (is_positive_number(threshold) and threshold < 1):
         return f"have no detector threshold between 0 and 1 ({shown(threshold)})"
-    if not (is_int(attrs.get("detect_every")) and attrs["detect_every"] >= 1):
-        return f"have no detect_every of 1 or more ({shown(attrs.get('detect_every'))})"
+    if not (is_int(recipe.detect_every) and recipe.detect_every >= 1):
+        return f"have no detect_every of 1 or more ({shown(recipe.detect_every)})"
     choices = {"context_backbone": BACKBONES, "context_dtype": CONTEXT_DTYPES, "precision": PRECISIONS,
-               "detector": [variant.weight_name for variant in retinaface.VARIANTS.values()],
+               "detector": [variant.weight_name for variant in VARIANTS.values()],
                "face_backbone": [face_cnn.WEIGHT_NAME]}
     for key, known in choices.items():
-        if not isinstance(attrs.get(key), str) or attrs[key] not in known:
-            return f"name {key} {shown(attrs.get(key))}, which this toolkit does not have ({', '.join(known)})"
+        value = getattr(recipe, key)
+        if not isinstance(value, str) or value not in known:
+            return f"name {key} {shown(value)}, which this toolkit does not have ({', '.join(known)})"
     return None
 
 
-def weight_names(attrs: dict) -> dict[str, str]:
-    """Each weight-hash attribute -> the registry name of the weight it is the hash of."""
-    return {
-        "detector_weights_sha256": attrs["detector"],
-        "face_weights_sha256": attrs["face_backbone"],
-        "context_weights_sha256": BACKBONES[attrs["context_backbone"]].weight_name,
-    }
-
-
-def check_same_extraction(run: Path, attrs: dict, settings: ExtractSettings) -> None:
-    """Refuse a run whose features this machine would not reproduce (other weights or settings)."""
-    # Where the run's clips came from is no setting; it is copied so the attributes are built
-    # exactly as the extractor builds a shard's.
-    here = shard_attrs({**{key: attrs.get(key, "") for key in SOURCE_ATTRS}, **setting_attrs(settings)},
-                       settings.context_dtype)
+def check_same_extraction(run: Path, recipe: FeatureRecipe, here: FeatureRecipe) -> None:
+    """Refuse a run whose features this machine would not reproduce (other weights or settings):
+    `recipe` is the run's, `here` the one this machine makes."""
     names = weight_names(here)
     problems = [
-        f"weight {names[key]} here has sha256 {here[key]}, the run's features were made with {attrs.get(key)}"
+        f"weight {names[key]} here has sha256 {getattr(here, key)}, the run's features were made with"
+        f" {getattr(recipe, key)}"
         for key in names
-        if attrs.get(key) != here[key]
+        if getattr(recipe, key) != getattr(here, key)
     ]
-    same_weights = {key: here[key] for key in names}
-    problems += [f"{difference} (run's != here)" for difference in comparable({**attrs, **same_weights}, here)]
+    same_weights = replace(recipe, **{key: getattr(here, key) for key in names})
+    problems += [f"{difference} (run's != here)" for difference in same_weights.differences(here)]
     if problems:
         raise PredictError(f"{run}: this machine would not make features as the run's were made: {'; '.join(problems)}")
 
@@ -201,20 +188,25 @@ def step_frames(has_face: np.ndarray) -> np.ndarray:
     return np.flatnonzero(step_frames_mask(has_face))
 
 
+def as_stored(clip: ClipFeatures, names: tuple[str, ...], context_dtype: str) -> dict[str, np.ndarray]:
+    """The clip's arrays `names` in the dtypes a shard stores them in: the model learnt from features
+    rounded so, and rounding the same way keeps a prediction equal to `evaluate`'s on the clip."""
+    arrays = frame_arrays(clip.context.shape[1], context_dtype)
+    return {name: getattr(clip, name).astype(arrays[name][0]) for name in names}
+
+
 @torch.inference_mode()
 def classify(model: nn.Module, clip: ClipFeatures, context_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities of one clip and, for the CACA models, their attention weights."""
-    stored = {"has_face": clip.has_face, "face": clip.face, "context": clip.context.astype(context_dtype),
-              # Stored maps are float16; rounding the same way keeps predictions equal to `evaluate`'s.
-              "face_map": clip.face_map.astype(np.float16)}
+    stored = as_stored(clip, ("has_face", *model.inputs), context_dtype)
     batch = collate([clip_steps(clip.clip_id, stored, UNLABELLED, model.inputs)])
-    inputs = model_inputs(batch, next(model.parameters()).device)
+    inputs, mask = model_inputs(model, batch, next(model.parameters()).device)
     attention = None
     if isinstance(model, CascadeAttentionRNN):
-        logits, weights = model(*inputs, return_attention=True)
+        logits, weights = model.forward_with_attention(inputs, mask)
         attention = weights[0].float().cpu().numpy()
     else:
-        logits = model(*inputs)
+        logits = model(inputs, mask)
     return logits.softmax(dim=-1)[0].float().cpu().numpy(), attention
 
 

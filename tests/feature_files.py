@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from features import ClipFeatures, ShardWriter, open_features, write_index
+from features.reader import open_features, write_index
+from features.schema import ClipFeatures, shard_name
+from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
-from features.schema import shard_name
 
 
 def extractor_attrs(**changes) -> dict:

@@ -11,12 +11,13 @@ import torch
 
 from extract.embed import Networks
 from extract.faces import TRACK_REGION_SIZE, choose_main_face, crop_every_face, detect_downscaled
-from extract.pipeline import ExtractError, ExtractSettings, embed_clips, extract_split
+from extract.clips import embed_clips
+from extract.pipeline import extract_split
+from extract.settings import ExtractError, ExtractSettings
 from extract.retinaface import RetinaFaceDetector
 from extract.video import sample_frames
-from features import comparable, open_features
-from features.reader import write_index
-from features.schema import shard_files
+from features.reader import open_features, write_index
+from features.schema import comparable, shard_files
 from features.tools import validate
 from manifests.manifest import ClipEntry, write_manifest
 from predict.predict import settings_from_run

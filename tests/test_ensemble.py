@@ -10,14 +10,15 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from features import ShardWriter, open_features, write_index
+from features.reader import open_features, write_index
+from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
 from features.schema import shard_name
 from train.compare import run_compare
 from train.data import clip_steps, collate
 from train.ensemble import fit_ensemble, fit_weights
 from train.config import TrainConfig
-from train.loop import TrainError, load_run, split_probabilities, train_model
+from train.loop import TrainError, load_run, model_inputs, split_probabilities, train_model
 from tests.cli_runs import run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
@@ -66,7 +67,7 @@ def test_c3d_padding_gives_the_same_logits_as_the_clip_alone(motion, runs):
     def logits(*items):
         batch = collate([clip_steps(f"c{i}", clip, 0, ("face_map",)) for i, clip in enumerate(items)])
         with torch.inference_mode():
-            return model(None, None, batch["mask"], face_map=batch["face_map"])[0]
+            return model(*model_inputs(model, batch, torch.device("cpu")))[0]
 
     torch.testing.assert_close(logits(short, long), logits(short), atol=1e-5, rtol=0)
 

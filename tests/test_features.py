@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from features import ClipFeatures, FeatureFileError, ShardWriter, comparable, open_features, write_index
+from features.reader import open_features, write_index
+from features.schema import ClipFeatures, FeatureFileError, comparable
+from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
+from features.recipe import RECIPE_ATTRS, SETTING_DEFAULTS, FeatureRecipe
 from features.schema import (
     COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, MAX_CONTEXT_DIM, content_sha256, shard_name, temp_files,
 )
@@ -189,8 +192,8 @@ def test_a_writer_whose_body_raises_leaves_no_file_at_all(tmp_path):
 KILLED_WRITER = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
+from features.writer import ShardWriter
 from tests.test_features import extractor_attrs, make_clip
-from features import ShardWriter
 writer = ShardWriter(sys.argv[2], extractor_attrs())
 writer.add_clip(make_clip("lost", 6))
 os._exit(1)
@@ -310,6 +313,19 @@ def test_incomparable_shards_are_refused_naming_both_files_and_the_keys(tmp_path
         write_index(tmp_path)
     assert any("cannot be mixed" in p for p in validate(tmp_path))
     assert comparable(extractor_attrs(), extractor_attrs(split="val", manifest="other.csv")) == []
+
+
+def test_a_recipe_round_trips_through_the_attributes_of_a_shard(tmp_path):
+    with open_features(write_shard(tmp_path, 0, [make_clip("a", 3)], context_dtype="float32")) as features:
+        stored = features.attrs
+    recipe = FeatureRecipe.from_attrs(stored)
+    assert recipe.to_attrs() == {key: stored[key] for key in RECIPE_ATTRS} and recipe.context_dtype == "float32"
+    assert FeatureRecipe.from_attrs(recipe.to_attrs()) == recipe
+    older = {key: value for key, value in stored.items() if key not in SETTING_DEFAULTS}
+    assert FeatureRecipe.from_attrs(older).to_attrs() == {**recipe.to_attrs(), **SETTING_DEFAULTS}
+    assert FeatureRecipe.from_attrs({**stored, "fps": 10.0}).differences(recipe) == ["fps: 10.0 != 5.0"]
+    with pytest.raises(ValueError, match="attributes missing: fps, context_dim"):
+        FeatureRecipe.from_attrs({key: value for key, value in stored.items() if key not in ("fps", "context_dim")})
 
 
 def test_shards_older_than_a_setting_count_as_made_with_its_default(tmp_path):

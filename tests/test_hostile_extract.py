@@ -17,10 +17,13 @@ from click.testing import CliRunner
 
 import cli as cli_module
 import outputs
-from extract import embed, pipeline
+from extract import clips, embed
 from extract.embed import Networks
-from extract.pipeline import ExtractSettings, embed_clips, extract_split
-from features import ShardWriter, open_features
+from extract.clips import embed_clips
+from extract.pipeline import extract_split
+from extract.settings import ExtractSettings
+from features.reader import open_features
+from features.writer import ShardWriter
 from features import failures as failures_module
 from features.failures import Failure, file_stamp, read_failures, set_aside, write_failures
 from features.layout import FAILURES_FILE
@@ -111,7 +114,7 @@ class Replaced:
 
 def networks_poisoned_at(stage: str, networks: Networks, monkeypatch) -> Networks:
     if stage == "decode":
-        monkeypatch.setattr(pipeline, "probe", poisoned(pipeline.probe, lambda path: path.name == "b.mp4"))
+        monkeypatch.setattr(clips, "probe", poisoned(clips.probe, lambda path: path.name == "b.mp4"))
     if stage == "assemble":
         no_face_at_all = lambda found, area: not any(len(d.boxes) for d in found)  # noqa: E731
         monkeypatch.setattr(embed, "choose_main_face", poisoned(embed.choose_main_face, no_face_at_all))
@@ -150,7 +153,7 @@ SAME_CNN_CALLS = {
 
 @pytest.mark.parametrize("stage", SAME_CNN_CALLS)
 def test_an_error_in_one_clip_fails_that_clip_only(stage, three_clips, networks, clean, monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger="extract.pipeline"):
+    with caplog.at_level(logging.INFO, logger="extract.clips"):
         results = list(embed_clips(three_clips, networks_poisoned_at(stage, networks, monkeypatch), SETTINGS))
     assert [type(r).__name__ for r in results] == ["ClipFeatures", "Failure", "ClipFeatures"]
     failure = results[1]
@@ -175,14 +178,14 @@ def test_windows_are_capped_in_bytes_and_those_of_usual_clips_are_unchanged(thre
                                                                            monkeypatch):
     """Up to 1280x720, windows keep --batch-size (64) frames, so features are bitwise those of a
     run without the cap; windows of one frame find the same faces, and features within rounding."""
-    assert all(pipeline.WINDOW_BYTES // (height * width * 3) >= 64 for height, width in ((360, 640), (720, 1280)))
-    monkeypatch.setattr(pipeline, "WINDOW_BYTES", 1 << 62)
+    assert all(clips.WINDOW_BYTES // (height * width * 3) >= 64 for height, width in ((360, 640), (720, 1280)))
+    monkeypatch.setattr(clips, "WINDOW_BYTES", 1 << 62)
     for got in embed_clips(three_clips, networks, SETTINGS):
         assert_same_features(got, clean["all three"][got.clip_id])
     frame_bytes = 400 * 600 * 3  # the coffee photo behind clip a
-    assert [len(stamps) for _, stamps in pipeline._windows(three_clips[0].path, 5.0, 64)] == [3]
-    monkeypatch.setattr(pipeline, "WINDOW_BYTES", frame_bytes)
-    assert [len(stamps) for _, stamps in pipeline._windows(three_clips[0].path, 5.0, 64)] == [1, 1, 1]
+    assert [len(stamps) for _, stamps in clips._windows(three_clips[0].path, 5.0, 64)] == [3]
+    monkeypatch.setattr(clips, "WINDOW_BYTES", frame_bytes)
+    assert [len(stamps) for _, stamps in clips._windows(three_clips[0].path, 5.0, 64)] == [1, 1, 1]
     for got in embed_clips(three_clips, networks, SETTINGS):
         assert_close_features(got, clean["all three"][got.clip_id])
 

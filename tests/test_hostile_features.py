@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from cli import EXIT_ERROR
-from features import FeatureFileError, ShardWriter, open_features, write_index
+from features.reader import open_features, write_index
+from features.schema import INDEX_NAME, FeatureFileError, content_sha256, shard_name
+from features.writer import WRITER_LOCK_FILE, ShardWriter, only_writer
 from features import writer
-from features.schema import INDEX_NAME, content_sha256, shard_name
 from features.tools import merge, validate
-from features.writer import WRITER_LOCK_FILE, only_writer
 from tests.cli_runs import one_line_error, run_cli
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 

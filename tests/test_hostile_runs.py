@@ -334,7 +334,8 @@ def test_spreadsheet_formulas_are_neutralised_and_come_back(tmp_path):
 
 
 def test_evaluate_predictions_are_safe_in_a_spreadsheet(features, tmp_path):
-    from features import ShardWriter, write_index
+    from features.reader import write_index
+    from features.writer import ShardWriter
     from tests.feature_files import extractor_attrs, planted_clip
 
     rng = np.random.default_rng(0)

@@ -19,8 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 import cli as cli_module
-from extract.pipeline import ExtractError, ExtractSettings, balanced_parts, check_options, clip_durations, extract_split
-from features import open_features
+from extract.parts import balanced_parts, clip_durations
+from extract.pipeline import extract_split
+from extract.settings import ExtractError, ExtractSettings, check_options
+from features.reader import open_features
 from features.tools import inspect, merge, recorded_failures, validate
 from manifests.builders import build_folder
 from manifests.manifest import ClipEntry, read_manifest, write_manifest

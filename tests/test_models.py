@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from features.schema import FACE_MAP_SHAPE
 from train.config import MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
 from train.data import STEP_INPUTS
-from train.models import PAPER_PARAMS, MaskedBatchNorm3d, build_model, parameter_report
+from train.models import PAPER_PARAMS, MaskedBatchNorm3d, WeightedEnsemble, build_model, parameter_report
 
 FACE_DIM = 128
 CONTEXT_DIM = 40
@@ -49,10 +49,18 @@ def rows_of(inputs: dict[str, torch.Tensor], row: int, steps: int) -> dict[str, 
     return {name: value[row:row + 1, :steps] for name, value in inputs.items()}
 
 
-def logits_of(net: torch.nn.Module, inputs: dict[str, torch.Tensor], omit: tuple[str, ...] = ()) -> torch.Tensor:
-    """`net` called as training calls it, with None for the inputs in `omit`."""
-    given = {name: None if name in omit else inputs[name] for name in STEP_INPUTS}
-    return net(given["face"], given["context"], inputs["mask"], face_map=given["face_map"])
+def declared_inputs(net: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs `net` declares, by name, as `train.loop.model_inputs` gives them."""
+    return {name: inputs[name] for name in net.inputs}
+
+
+def logits_of(net: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`net` called as training calls it."""
+    return net(declared_inputs(net, inputs), inputs["mask"])
+
+
+def streams(face: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"face": face, "context": context}
 
 
 def model(name: str, seed: int = 0, face_dim: int = FACE_DIM, context_dim: int = CONTEXT_DIM) -> torch.nn.Module:
@@ -125,16 +133,16 @@ def test_attention_is_zero_on_padding_and_sums_to_one_on_valid_steps(name):
     lengths = [3, 7, 1, 5]
     face, context, mask = padded_batch(lengths)
     with torch.no_grad():
-        logits, attention = net(face, context, mask, return_attention=True)
+        logits, attention = net.forward_with_attention(streams(face, context), mask)
         assert attention.shape == (4, 7, 7)
         for row, length in enumerate(lengths):
             assert (attention[row, :, length:] == 0).all()
             assert (attention[row, length:, :] == 0).all()
             torch.testing.assert_close(attention[row, :length].sum(dim=1), torch.ones(length))
-            alone_logits, alone_attention = net(face[row:row + 1, :length], context[row:row + 1, :length],
-                                                mask[row:row + 1, :length], return_attention=True)
+            alone_logits, alone_attention = net.forward_with_attention(
+                streams(face[row:row + 1, :length], context[row:row + 1, :length]), mask[row:row + 1, :length])
             torch.testing.assert_close(attention[row:row + 1, :length, :length], alone_attention, rtol=0, atol=1e-6)
-        torch.testing.assert_close(logits, net(face, context, mask))
+        torch.testing.assert_close(logits, net(streams(face, context), mask))
 
 
 def lstm_cell_by_hand(cell: torch.nn.LSTMCell, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
@@ -146,9 +154,9 @@ def lstm_cell_by_hand(cell: torch.nn.LSTMCell, x: torch.Tensor, h: torch.Tensor,
 
 def cascade_by_hand(net, face: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The module docstring's equations for one unpadded clip (T, dim), step by step."""
-    streams = {"face": face, "context": context}
-    first = net.encoders[net.first_stream](streams[net.first_stream])
-    second = net.encoders[net.second_stream](streams[net.second_stream])
+    given = streams(face, context)
+    first = net.encoders[net.first_stream](given[net.first_stream])
+    second = net.encoders[net.second_stream](given[net.second_stream])
     first_outputs, (h_n, c_n) = net.first_rnn(first.unsqueeze(0))
     first_outputs, h, c = first_outputs[0], h_n[-1, 0], c_n[-1, 0]
     rows = []
@@ -167,7 +175,7 @@ def test_cascade_follows_the_documented_equations(name):
     lengths = [6, 4]
     face, context, mask = padded_batch(lengths, seed=3)
     with torch.no_grad():
-        logits, attention = net(face, context, mask, return_attention=True)
+        logits, attention = net.forward_with_attention(streams(face, context), mask)
         for row, length in enumerate(lengths):
             expected_logits, expected_attention = cascade_by_hand(net, face[row, :length], context[row, :length])
             torch.testing.assert_close(logits[row], expected_logits, rtol=0, atol=1e-5)
@@ -186,8 +194,8 @@ def test_caca_b_is_caca_with_the_streams_swapped():
     caca_b.load_state_dict({swapped(key): value for key, value in caca.state_dict().items()})
     face, context, mask = padded_batch([4, 6, 2], face_dim=128, context_dim=128)
     with torch.no_grad():
-        torch.testing.assert_close(caca_b(context, face, mask), caca(face, context, mask))
-        assert not torch.allclose(caca_b(face, context, mask), caca(face, context, mask))
+        torch.testing.assert_close(caca_b(streams(context, face), mask), caca(streams(face, context), mask))
+        assert not torch.allclose(caca_b(streams(face, context), mask), caca(streams(face, context), mask))
 
 
 def test_build_model_names_the_known_models_and_resolves_aliases():
@@ -206,24 +214,40 @@ def test_a_model_reads_exactly_the_inputs_it_declares(name):
     assert net.inputs == declared.get(name, ("face", "context"))
     inputs = padded_inputs([3, 2])
     with torch.no_grad():
-        declared_only = logits_of(net, inputs, omit=tuple(set(STEP_INPUTS) - set(net.inputs)))
-        torch.testing.assert_close(declared_only, logits_of(net, inputs), rtol=0, atol=0)
-        for missing in net.inputs:
-            with pytest.raises(ValueError, match=rf"\b{missing}\b.*, got None"):
-                logits_of(net, inputs, omit=(missing,))
+        logits = logits_of(net, inputs)
+        for name in net.inputs:
+            changed = dict(inputs, **{name: inputs[name] + 1})
+            assert not torch.allclose(logits_of(net, changed), logits), name
+            with pytest.raises(ValueError, match=rf"missing \['{name}'\], not its own \[\]"):
+                net({other: inputs[other] for other in net.inputs if other != name}, inputs["mask"])
+        for foreign in set(STEP_INPUTS) - set(net.inputs):
+            with pytest.raises(ValueError, match=rf"missing \[\], not its own \['{foreign}'\]"):
+                net({**declared_inputs(net, inputs), foreign: inputs[foreign]}, inputs["mask"])
+
+
+def test_an_ensemble_gives_each_member_its_own_inputs_and_takes_exactly_theirs():
+    members = [model("caca").eval(), model(SPATIOTEMPORAL, seed=1).eval()]
+    ensemble = WeightedEnsemble(members, [0.25, 0.75]).eval()
+    assert ensemble.inputs == STEP_INPUTS
+    inputs = padded_inputs([3, 2])
+    with torch.no_grad():
+        expected = sum(w * logits_of(m, inputs).softmax(dim=-1) for w, m in zip((0.25, 0.75), members)).log()
+        torch.testing.assert_close(logits_of(ensemble, inputs), expected, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match=r"missing \['face_map'\]"):
+            ensemble(declared_inputs(members[0], inputs), inputs["mask"])
 
 
 def test_wrong_inputs_are_refused_loudly():
     face, context, mask = padded_batch([3, 2])
-    with pytest.raises(ValueError, match="no attention"):
-        model("parallel")(face, context, mask, return_attention=True)
+    with pytest.raises(AttributeError, match="forward_with_attention"):  # only the CACA models have attention
+        model("parallel").forward_with_attention(streams(face, context), mask)
     net = model("caca")
     with pytest.raises(ValueError, match="left-aligned"):
-        net(face, context, mask.flip(1))
+        net(streams(face, context), mask.flip(1))
     with pytest.raises(ValueError, match="at least one"):
-        net(face, context, torch.zeros_like(mask))
+        net(streams(face, context), torch.zeros_like(mask))
     with pytest.raises(ValueError, match="context"):
-        net(face, context[..., :-1], mask)
+        net(streams(face, context[..., :-1]), mask)
 
 
 def test_parameter_report_lists_every_model_beside_the_paper():
@@ -235,11 +259,11 @@ def test_parameter_report_lists_every_model_beside_the_paper():
 
 
 def clips_with_planted_directions(directions: torch.Tensor, clips: int):
-    """Face steps = noise + their class's direction; context pure noise; lengths 2 to 8."""
+    """Face steps = noise + their class's direction; context pure noise; lengths 2 to 8 (inputs as `padded_inputs`)."""
     labels = torch.arange(clips) % len(directions)
     mask = torch.arange(8)[None, :] < torch.randint(2, 9, (clips, 1))
     face = torch.randn(clips, 8, FACE_DIM) + directions[labels][:, None, :]
-    return (face, torch.randn(clips, 8, CONTEXT_DIM), mask), labels
+    return {"face": face, "context": torch.randn(clips, 8, CONTEXT_DIM), "mask": mask}, labels
 
 
 def test_face_rnn_learns_a_planted_direction():
@@ -251,10 +275,10 @@ def test_face_rnn_learns_a_planted_direction():
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(100):
         optimiser.zero_grad()
-        F.cross_entropy(net(*train_inputs), train_labels).backward()
+        F.cross_entropy(logits_of(net, train_inputs), train_labels).backward()
         optimiser.step()
     net.eval()
     with torch.no_grad():
-        assert (net(*train_inputs).argmax(dim=1) == train_labels).float().mean() > 0.9
+        assert (logits_of(net, train_inputs).argmax(dim=1) == train_labels).float().mean() > 0.9
         # 64 clips can be memorised even with random labels; held-out clips show the direction was learnt.
-        assert (net(*held_out_inputs).argmax(dim=1) == held_out_labels).float().mean() > 0.8
+        assert (logits_of(net, held_out_inputs).argmax(dim=1) == held_out_labels).float().mean() > 0.8

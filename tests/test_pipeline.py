@@ -18,8 +18,9 @@ import pytest
 
 from extract.embed import Networks
 from extract.face_cnn import EXPRESSION_CLASSES, FaceCNN
-from extract.pipeline import ExtractSettings, embed_clips, load_networks
-from features import open_features
+from extract.clips import embed_clips, load_networks
+from extract.settings import ExtractSettings
+from features.reader import open_features
 from features.schema import is_temp_name, shard_files
 from features.tools import validate
 from manifests.manifest import read_manifest
@@ -180,7 +181,7 @@ def temporary_files(folder: Path) -> list[str]:
 STOPPING_EXTRACT = """
 import os, signal, sys
 import cli
-from extract import pipeline
+from extract import clips
 from features import writer
 
 point, args = sys.argv[1], sys.argv[2:]
@@ -221,7 +222,7 @@ def synced(real):  # once this run's first shard is complete in its temporary fi
 
 
 if point == "decoding":
-    pipeline.sample_frames = decoding(pipeline.sample_frames)
+    clips.sample_frames = decoding(clips.sample_frames)
 if point == "ctrl-c after a shard":
     writer.ShardWriter.close = closed(writer.ShardWriter.close, 1, signal.SIGINT)
 if point == "between shards":

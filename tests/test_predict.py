@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli as cli_module
-from extract.pipeline import ExtractSettings, extract_split
+from extract.pipeline import extract_split
+from extract.settings import ExtractSettings
 from extract.retinaface import RetinaFaceDetector
 from extract.video import VideoError
 from manifests.builders import build_folder

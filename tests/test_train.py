@@ -12,14 +12,14 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from features import ShardWriter, open_features, write_index
-from features.reader import FeatureSet
+from features.reader import FeatureSet, open_features, write_index
+from features.writer import ShardWriter
 from features.schema import shard_name
 from train.compare import run_compare
 from features.tools import inspect, merge, repack
 from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, should_preload
 from train.config import TrainConfig
-from train.loop import TrainError, class_weights, evaluate_run, load_run, train_model
+from train.loop import TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
 from tests.cli_runs import run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
@@ -88,7 +88,7 @@ def test_faceless_frames_and_padding_do_not_change_a_prediction(both_signal, cac
     def logits(*clips):
         batch = collate([clip_steps(f"c{i}", c, 0, model.inputs) for i, c in enumerate(clips)])
         with torch.inference_mode():
-            return model(batch["face"], batch["context"], batch["mask"])[0]
+            return model(*model_inputs(model, batch, torch.device("cpu")))[0]
 
     alone = logits(clip)
     torch.testing.assert_close(logits(with_faceless_frames(clip, 3)), alone, atol=0, rtol=0)

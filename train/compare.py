@@ -31,8 +31,9 @@ from tqdm import tqdm
 from outputs import claim_folder, is_temporary, write_atomically
 from train.config import DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TRAINABLE_MODELS, TrainConfig
 from train.ensemble import fit_ensemble
+from train.layout import COMPLETE_MARK, CONFIG_FILE, run_name
 from train.loop import (
-    COMPLETE_MARK, CONFIG_FILE, TrainError, evaluate_run, open_split, read_json_object, train_model,
+    ENSEMBLE_MODEL, TrainError, evaluate_run, open_split, read_json_object, train_model,
 )
 from train.models import build_model, paper_parameter_count, parameter_counts, parameter_report
 
@@ -81,7 +82,7 @@ def run_compare(
     """
     claim_folder(out, "compare", overwrite, writes_into_comparison)
     configs = [
-        dataclasses.replace(base, model=model, seed=seed, out=out / f"{model}-seed{seed}")
+        dataclasses.replace(base, model=model, seed=seed, out=out / run_name(model, seed))
         for model in models
         for seed in range(seeds)
     ]
@@ -151,7 +152,7 @@ def table_i(base: TrainConfig, models: list[str], seeds: int, out: Path) -> list
               "paper mAP %", "paper acc %", "paper params"]
     rows = []
     for model in models:
-        scores = [_run_scores(out / f"{model}-seed{seed}") for seed in range(seeds)]
+        scores = [_run_scores(out / run_name(model, seed)) for seed in range(seeds)]
         total, _ = parameter_counts(build_model(model, context_dim, classes))
         paper = [f"{value:.2f}" for value in PAPER_TABLE_I[model]] if model in PAPER_TABLE_I else [NOT_IN_PAPER] * 2
         rows.append([model, _spread([s[0] for s in scores]), _spread([s[1] for s in scores]),
@@ -168,14 +169,14 @@ def table_i(base: TrainConfig, models: list[str], seeds: int, out: Path) -> list
 
 
 def ensemble_folder(out: Path, seed: int) -> Path:
-    return out / f"ensemble-seed{seed}"
+    return out / run_name(ENSEMBLE_MODEL, seed)
 
 
 def fit_missing_ensembles(base: TrainConfig, seeds: int, out: Path, log: Callable[[str], None]) -> None:
     for seed in range(seeds):
         if not (ensemble_folder(out, seed) / COMPLETE_MARK).exists():
             log(f"fitting the ensemble of {' and '.join(ENSEMBLED)}, seed {seed}, on {base.val_split}")
-            members = [out / f"{model}-seed{seed}" for model in ENSEMBLED]
+            members = [out / run_name(model, seed) for model in ENSEMBLED]
             fit_ensemble(members, base.val_split, base.features, ensemble_folder(out, seed), base.device)
 
 
@@ -188,7 +189,7 @@ def labelled_split_scores(folder: Path, base: TrainConfig, test_split: str) -> t
 def table_ii(base: TrainConfig, seeds: int, out: Path, test_split: str) -> list[str]:
     """Table II's lines (c3d, caca, their ensemble) for table.md, under Table I (writing table-ii.csv)."""
     has_test = (Path(base.features) / test_split).is_dir()
-    folders = {model: [out / f"{model}-seed{seed}" for seed in range(seeds)] for model in (SPATIOTEMPORAL, "caca")}
+    folders = {model: [out / run_name(model, seed) for seed in range(seeds)] for model in (SPATIOTEMPORAL, "caca")}
     folders[ENSEMBLE_ROW] = [ensemble_folder(out, seed) for seed in range(seeds)]
     header = ["model", "val mAP %", "val acc %", f"{test_split} mAP %", f"{test_split} acc %",
               "paper val mAP %", "paper val acc %", "paper test mAP %", "paper test acc %"]

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from features.layout import DEFAULT_ROOT
+from train.layout import run_name
 
 DEFAULT_RUNS = Path("runs")
 DEFAULT_COMPARE = DEFAULT_RUNS / "compare"
@@ -22,6 +23,8 @@ TRAINABLE_MODELS = (*MODEL_NAMES, SPATIOTEMPORAL)
 ALIASES = {"caca-a": "caca"}
 
 PRELOAD_CHOICES = ("auto", "always", "never")
+# The class index of a clip without a label (predicted, never scored).
+UNLABELLED = -1
 # How a run is carried out, not what it learns: a run with other values of these is the same run.
 RUNTIME_FIELDS = ("out", "device", "num_workers", "preload")
 
@@ -44,7 +47,7 @@ class TrainConfig:
 
     @property
     def run_folder(self) -> Path:
-        return self.out or DEFAULT_RUNS / f"{self.model}-seed{self.seed}"
+        return self.out or DEFAULT_RUNS / run_name(self.model, self.seed)
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

@@ -27,12 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from features.reader import FeatureSet
 from features.schema import shard_frame_arrays
+from train.config import UNLABELLED
 
-UNLABELLED = -1
-
-# The per-frame arrays a model can take as steps, in the order models take them:
-# `model(face, context, mask, face_map)`. The rest of a clip (boxes, landmarks, timestamps,
-# scores) is never read in training, which saves a read per array and clip.
+# The per-frame arrays (shard datasets) a model can take as steps, by name: `model(inputs, mask)`
+# with `inputs` the arrays of `model.inputs`, listed in this order. The rest of a clip (boxes,
+# landmarks, timestamps, scores) is never read in training, which saves a read per array and clip.
 STEP_INPUTS = ("face", "context", "face_map")
 
 

@@ -27,16 +27,15 @@ import numpy as np
 
 from devices import resolve_device
 from outputs import check_output_folder, is_temporary, same_file
-from train.config import DEFAULT_RUNS
-from train.data import UNLABELLED
+from train.config import DEFAULT_RUNS, UNLABELLED
+from train.layout import COMPLETE_MARK, ENSEMBLE_FILE, ENSEMBLE_FILES, EVAL_PREFIX, FEATURES_FILE
 from train.loop import (
-    COMPLETE_MARK, ENSEMBLE_FILE, EVAL_PREFIX, TrainError, check_comparable, labelled_metrics, load_run,
+    TrainError, check_comparable, labelled_metrics, load_run,
     split_probabilities, write_json,
 )
 from train.metrics import Metrics
 
 WEIGHT_STEP = 0.05
-ENSEMBLE_FILES = (ENSEMBLE_FILE, "features.json", COMPLETE_MARK)
 MAX_GRID_MEMBERS = 3
 EVAL_BATCH_SIZE = 64
 
@@ -146,7 +145,7 @@ def fit_ensemble(runs: list[Path], split: str = "val", features: Path | None = N
         "weights": list(weights), "classes": classes, "split": split,
         "member_scores": [scores_of(m) for m in member_scores], "ensemble_scores": scores_of(ensemble_scores),
     })
-    write_json(folder / "features.json", first["attrs"])
+    write_json(folder / FEATURES_FILE, first["attrs"])
     write_json(folder / COMPLETE_MARK, {**ensemble_scores.to_json(), "split": split})
     return folder
 

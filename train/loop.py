@@ -1,12 +1,8 @@
 """Stage 2: train one model on feature shards, keep the best epoch by validation mAP, evaluate runs.
 
-A run folder holds everything needed to trust and reuse it:
-  config.json         the training settings
-  features.json       the training features' attributes (evaluation refuses features that differ)
-  epochs.csv          per epoch: train loss, validation loss, mAP and accuracy, seconds (data, total)
-  best.pt             the model of the epoch with the best validation mAP, with its config
-  metrics.json        the best epoch's validation metrics (written last: a run is complete with it)
-  eval-SPLIT/         from `evaluate`: metrics.json, confusion.png, predictions.csv
+A run folder holds everything needed to trust and reuse it: its settings, the attributes of
+the features it learnt from (evaluation refuses features that differ), every epoch's scores,
+the best epoch's weights and metrics (train/layout.py names the files).
 
 An ensemble folder (train/ensemble.py) holds ensemble.json instead of config.json, epochs.csv
 and best.pt; `load_run` gives it as one model, so it is evaluated and used like a run.
@@ -30,27 +26,25 @@ from torch import nn
 from tqdm import tqdm
 
 from devices import resolve_device
-from features import open_features
-from features.reader import FeatureSet
+from errors import UserError
+from features.reader import FeatureSet, open_features
 from features.schema import MAX_CONTEXT_DIM, are_distinct_names, comparable, is_int
 from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
-from train.config import TRAINABLE_MODELS, TrainConfig
-from train.data import STEP_INPUTS, UNLABELLED, ClipDataset, make_loader, should_preload
+from train.config import TRAINABLE_MODELS, UNLABELLED, TrainConfig
+from train.data import ClipDataset, make_loader, should_preload
+from train.layout import (
+    CHECKPOINT, COMPLETE_MARK, CONFIG_FILE, CONFUSION_FILE, ENSEMBLE_FILE, EPOCHS_FILE, EVAL_PREFIX, FEATURES_FILE,
+    METRICS_FILE, PREDICTIONS_FILE, RUN_FILES, evaluation_folder,
+)
 from train.metrics import Metrics, compute_metrics, plot_confusion, write_predictions
 from train.models import WeightedEnsemble, build_model, paper_parameter_count, parameter_counts
 
 logger = logging.getLogger(__name__)
-COMPLETE_MARK = "metrics.json"
-CHECKPOINT = "best.pt"
-CONFIG_FILE = "config.json"
-ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_MODEL = "ensemble"
-RUN_FILES = (CONFIG_FILE, "features.json", "epochs.csv", CHECKPOINT, COMPLETE_MARK)
-EVAL_PREFIX = "eval-"
 CHECKPOINT_KEYS = ("model", "config", "classes", "attrs", "epoch")
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem with the run's inputs or folders that the user can fix; one line."""
 
 
@@ -82,10 +76,9 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def model_inputs(batch: dict, device: torch.device) -> tuple:
-    """(face, context, mask, face_map) of a collated batch on `device`; None for the inputs the batch lacks."""
-    face, context, face_map = (batch[name].to(device) if name in batch else None for name in STEP_INPUTS)
-    return face, context, batch["mask"].to(device), face_map
+def model_inputs(model: nn.Module, batch: dict, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What `model(inputs, mask)` takes from a collated batch, on `device`: the arrays it declares, and the mask."""
+    return {name: batch[name].to(device) for name in model.inputs}, batch["mask"].to(device)
 
 
 @torch.inference_mode()
@@ -94,7 +87,7 @@ def predict(model: nn.Module, loader, device: torch.device) -> tuple[list[str], 
     model.eval()
     ids, labels, probabilities = [], [], []
     for batch in loader:
-        logits = model(*model_inputs(batch, device))
+        logits = model(*model_inputs(model, batch, device))
         ids += batch["clip_id"]
         labels.append(batch["label"].numpy())
         probabilities.append(logits.softmax(dim=-1).float().cpu().numpy())
@@ -113,7 +106,7 @@ def _train_epoch(model, loader, optimiser, loss_fn, device, bar: tqdm) -> tuple[
     tick = time.perf_counter()
     for batch in loader:
         waiting += time.perf_counter() - tick
-        logits = model(*model_inputs(batch, device))
+        logits = model(*model_inputs(model, batch, device))
         loss = loss_fn(logits, batch["label"].to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,7 +157,7 @@ def _start_run_folder(folder: Path) -> None:
     """Create the checked run folder; it is not finished until this training writes its own
     metrics, and an interrupted run's results start over."""
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in (COMPLETE_MARK, "epochs.csv", CHECKPOINT):
+    for leftover in (COMPLETE_MARK, EPOCHS_FILE, CHECKPOINT):
         (folder / leftover).unlink(missing_ok=True)
 
 
@@ -206,9 +199,9 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     folder = config.run_folder
     _start_run_folder(folder)
     write_json(folder / CONFIG_FILE, config.to_json())
-    write_json(folder / "features.json", train_set.attrs)
+    write_json(folder / FEATURES_FILE, train_set.attrs)
     best: Metrics | None = None
-    with open(folder / "epochs.csv", "w", newline="") as log_file:
+    with open(folder / EPOCHS_FILE, "w", newline="") as log_file:
         writer = csv.writer(log_file)
         writer.writerow(["epoch", "train_loss", "val_map", "val_accuracy", "data_seconds", "seconds"])
         for epoch in range(1, config.epochs + 1):
@@ -381,15 +374,15 @@ def evaluate_run(
     model, checkpoint = load_run(run, torch_device)
     classes = checkpoint["classes"]
     ids, labels, probabilities = split_probabilities(model, checkpoint, split, features, torch_device, batch_size)
-    out = Path(run) / f"{EVAL_PREFIX}{split}"
+    out = evaluation_folder(run, split)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise TrainError(f"{out} is not a folder of the run (a link or a file): remove it to evaluate {split}")
     out.mkdir(exist_ok=True)
-    write_predictions(out / "predictions.csv", ids, labels, probabilities, classes)
+    write_predictions(out / PREDICTIONS_FILE, ids, labels, probabilities, classes)
     if (labels == UNLABELLED).all():
         return None
     metrics = labelled_metrics(labels, probabilities, classes)
-    write_json(out / "metrics.json", {**metrics.to_json(), "split": split, "run": str(run)})
+    write_json(out / METRICS_FILE, {**metrics.to_json(), "split": split, "run": str(run)})
     title = f"{checkpoint['config']['model']} on {split}: mAP {metrics.map:.3f}, accuracy {metrics.accuracy:.3f}"
-    plot_confusion(np.array(metrics.confusion), classes, out / "confusion.png", title)
+    plot_confusion(np.array(metrics.confusion), classes, out / CONFUSION_FILE, title)
     return metrics

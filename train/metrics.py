@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 
 from manifests.spreadsheet import neutralised
 from outputs import write_atomically
+from train.config import UNLABELLED
 
-UNLABELLED = -1
 PROBABILITY_PREFIX = "p_"
 
 

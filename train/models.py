@@ -1,15 +1,16 @@
 """Stage 2's models: the paper's six RNNs over per-frame face and context features, and its
 2D-3D-CNN (`c3d`, section VI) over the per-frame face maps.
 
-Every model is called as `model(face, context, mask, face_map=None)`: `face` (B, T, face_dim),
-`context` (B, T, context_dim), `face_map` (B, T, 128, 4, 4), `mask` (B, T) bool, True on each
-row's valid steps, which come first (left-aligned), at least one per row. `model.inputs`
-names the inputs it reads (Face-RNN: face; the fusion models: face and context; `c3d`:
-face_map); the others may be None, and are not read from the shards. For the RNNs, padding
-never reaches a result: LSTMs run on packed sequences, the cascade's step loop keeps each
-row's output from its last valid step on, attention gives padded steps weight 0, and padded
-inputs are zeroed before anything touches them (so a discarded step cannot turn into
-inf/NaN gradients).
+Every model is called as `model(inputs, mask)`: `inputs` maps exactly the names in
+`model.inputs` (some of `train.data.STEP_INPUTS`; Face-RNN: face; the fusion models: face and
+context; `c3d`: face_map) to their steps, `face` (B, T, face_dim), `context` (B, T, context_dim),
+`face_map` (B, T, 128, 4, 4); `mask` (B, T) bool is True on each row's valid steps, which come
+first (left-aligned), at least one per row. Inputs a model does not declare are not read from
+the shards, and given to it they are refused (a caller's bug). The CACA models also give their
+attention, through `forward_with_attention`. For the RNNs, padding never reaches a result:
+LSTMs run on packed sequences, the cascade's step loop keeps each row's output from its last
+valid step on, attention gives padded steps weight 0, and padded inputs are zeroed before
+anything touches them (so a discarded step cannot turn into inf/NaN gradients).
 
 How this code reads the paper (Sun et al., MEC 2017, sections III-D, IV, V-C), written
 here once:
@@ -83,18 +84,25 @@ C3D_KERNEL = 3
 C3D_DROPOUT = 0.5
 
 
-def checked_lengths(mask: torch.Tensor, steps: dict[str, torch.Tensor | None], dims: dict[str, int]) -> torch.Tensor:
+def check_input_names(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """`inputs` must name exactly what `model` declares: anything else is a caller's bug, never silently ignored."""
+    missing = [name for name in model.inputs if name not in inputs]
+    foreign = [name for name in inputs if name not in model.inputs]
+    if missing or foreign:
+        raise ValueError(f"{type(model).__name__} takes exactly the inputs {model.inputs}; "
+                         f"missing {missing}, not its own {foreign}")
+
+
+def checked_lengths(mask: torch.Tensor, inputs: dict[str, torch.Tensor], dims: dict[str, int]) -> torch.Tensor:
     """Each row's number of valid steps, on the CPU (where packing wants it), after checking the batch.
 
-    `steps` holds each input this model reads by name, `dims` its feature size.
+    `inputs` holds each input this model reads by name, `dims` its feature size.
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be bool (batch, steps), got {mask.dtype} {tuple(mask.shape)}")
     for name, dim in dims.items():
-        rows = steps[name]
-        if rows is None or rows.shape != (*mask.shape, dim):
-            raise ValueError(f"{name} must be {(*mask.shape, dim)} like mask, got "
-                             f"{None if rows is None else tuple(rows.shape)}")
+        if inputs[name].shape != (*mask.shape, dim):
+            raise ValueError(f"{name} must be {(*mask.shape, dim)} like mask, got {tuple(inputs[name].shape)}")
     return checked_mask_lengths(mask)
 
 
@@ -142,20 +150,17 @@ class EmotionRNN(nn.Module):
         self.dims = {stream: dims[stream] for stream in streams}
         self.encoders = nn.ModuleDict({stream: stream_encoder(dim) for stream, dim in self.dims.items()})
 
-    def encode(self, face: torch.Tensor | None, context: torch.Tensor | None,
-               mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def encode(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The encoded streams this model uses, by name, and the rows' lengths."""
-        raw = {"face": face, "context": context}
-        lengths = checked_lengths(mask, raw, self.dims)
+        check_input_names(self, inputs)
+        lengths = checked_lengths(mask, inputs, self.dims)
         valid = mask.unsqueeze(2)
-        encoded = {stream: encoder(raw[stream].masked_fill(~valid, 0.0)) for stream, encoder in self.encoders.items()}
+        encoded = {stream: encoder(inputs[stream].masked_fill(~valid, 0.0))
+                   for stream, encoder in self.encoders.items()}
         return encoded, lengths
 
-    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
-                face_map: torch.Tensor | None = None, return_attention: bool = False) -> torch.Tensor:
-        if return_attention:
-            raise ValueError(f"{type(self).__name__} has no attention to return; only the CACA models do")
-        encoded, lengths = self.encode(face, context, mask)
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        encoded, lengths = self.encode(inputs, mask)
         return self.classify(encoded, lengths)
 
     def classify(self, encoded: dict, lengths: torch.Tensor) -> torch.Tensor:
@@ -210,13 +215,14 @@ class CascadeAttentionRNN(EmotionRNN):
         self.second_rnn = nn.LSTMCell(ENCODED_DIM + CASCADE_HIDDEN, CASCADE_HIDDEN)
         self.classifier = nn.Linear(CASCADE_HIDDEN, num_classes)
 
-    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
-                face_map: torch.Tensor | None = None,
-                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits, and with `return_attention` also the weights (B, T_second, T_first), zero on padding."""
-        encoded, lengths = self.encode(face, context, mask)
-        logits, attention = self.cascade(encoded, mask, lengths)
-        return (logits, attention) if return_attention else logits
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(inputs, mask)[0]
+
+    def forward_with_attention(self, inputs: dict[str, torch.Tensor],
+                               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits, and the attention weights (B, T_second, T_first), zero on padding."""
+        encoded, lengths = self.encode(inputs, mask)
+        return self.cascade(encoded, mask, lengths)
 
     def cascade(self, encoded: dict, mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first_outputs, h, c = run_lstm(self.first_rnn, encoded[self.first_stream], lengths)
@@ -272,11 +278,12 @@ class SpatiotemporalCNN(nn.Module):
         self.dropout = nn.Dropout(C3D_DROPOUT)
         self.classifier = nn.Linear(C3D_CHANNELS, num_classes)
 
-    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
-                face_map: torch.Tensor | None = None) -> torch.Tensor:
-        if face_map is None or face_map.dim() != 5 or face_map.shape[2:] != FACE_MAP_SHAPE:
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        check_input_names(self, inputs)
+        face_map = inputs["face_map"]
+        if face_map.dim() != 5 or face_map.shape[2:] != FACE_MAP_SHAPE:
             raise ValueError(f"c3d needs face_map (batch, steps, {', '.join(map(str, FACE_MAP_SHAPE))}), got "
-                             f"{None if face_map is None else tuple(face_map.shape)}")
+                             f"{tuple(face_map.shape)}")
         if mask.dtype != torch.bool or mask.shape != face_map.shape[:2]:
             raise ValueError(f"mask must be bool {tuple(face_map.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
         checked_mask_lengths(mask)
@@ -299,9 +306,10 @@ class WeightedEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
         self.inputs = tuple(name for name in STEP_INPUTS if any(name in member.inputs for member in members))
 
-    def forward(self, face: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor,
-                face_map: torch.Tensor | None = None) -> torch.Tensor:
-        probabilities = [member(face, context, mask, face_map=face_map).softmax(dim=-1) for member in self.members]
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        check_input_names(self, inputs)
+        probabilities = [member({name: inputs[name] for name in member.inputs}, mask).softmax(dim=-1)
+                         for member in self.members]
         return torch.log(sum(w * p for w, p in zip(self.weights, probabilities)))
 
 

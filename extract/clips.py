@@ -1,0 +1,204 @@
+"""Stage 1's core, clips to features: decode each clip in windows, embed them (`embed.py`), and
+yield each clip's features or its failure, in order; and the recipe those features follow.
+
+The batch job (`pipeline.py`) stores what this yields in shards; `predict` classifies it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from extract import faces, face_cnn, retinaface, weights
+from extract.ahead import ahead
+from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN
+from extract.embed import ClipInProgress, Embedder, Networks, StageError, finished
+from extract.face_cnn import FaceCNN
+from extract.retinaface import RetinaFaceDetector
+from extract.settings import BACKBONES, RECIPE_CHOICES, VARIANTS, ExtractSettings
+from extract.video import VideoError, VideoInfo, probe, sample_frames
+from features.failures import Failure, file_stamp, one_line
+from features.labels import CHEAVD_CLASSES
+from features.recipe import FeatureRecipe
+from features.schema import ClipFeatures
+from manifests.manifest import ClipEntry
+
+logger = logging.getLogger(__name__)
+# Windows of sampled frames the decoder may run ahead of the networks: enough to keep both
+# busy, few enough that memory stays flat (a window is --batch-size frames, see WINDOW_BYTES).
+DECODE_AHEAD = 1
+# A window also holds at most this many bytes of frames (one frame at least): 64 frames of an
+# 8K clip are 6.4 GB, and about three windows are alive at once (decoded ahead, being stacked,
+# being detected). Windows of 640x360 to 1280x720 clips keep their 64 frames (177 MB at 720p),
+# so their batches, and features, are unchanged; 1080p gets 43 frames, 4K 10, 8K 2.
+WINDOW_BYTES = 256 << 20
+
+
+def recipe_of(settings: ExtractSettings) -> FeatureRecipe:
+    """How `settings` make features on this machine: their choices, the code's constants and the
+    hashes of this machine's weights, whichever clips they read."""
+    context = BACKBONES[settings.context_backbone]
+    unhashed = FeatureRecipe(
+        **{name: getattr(settings, name) for name in RECIPE_CHOICES},
+        face_crop_size=faces.FACE_CROP_SIZE,
+        face_crop_scale=faces.FACE_CROP_SCALE,
+        context_size=CONTEXT_SIZE,
+        detector=VARIANTS[settings.detector_backbone].weight_name,
+        detector_weights_sha256="",
+        detector_max_side=faces.DETECT_MAX_SIDE,
+        main_face={"switch_penalty": faces.SWITCH_PENALTY, "size_weight": faces.SIZE_WEIGHT,
+                   "no_face_gain": faces.NO_FACE_GAIN},
+        face_backbone=face_cnn.WEIGHT_NAME,
+        face_weights_sha256="",
+        context_weights_sha256="",
+        context_dim=context.feature_dim,
+        context_pooling=context.pooling,
+        normalisation={
+            "detector": "BGR minus per-channel means " + str(retinaface.BGR_MEAN),
+            "face": f"ITU-R 601 gray, {face_cnn.FACE_CNN_INPUT_SIZE}x{face_cnn.FACE_CNN_INPUT_SIZE}, (x/255-0.5)*2",
+            "context": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        },
+        classes=list(CHEAVD_CLASSES),
+    )
+    hashes = {key: weights.sha256_of(weights.verified_path(name)) for key, name in weight_names(unhashed).items()}
+    return replace(unhashed, **hashes)
+
+
+def weight_names(recipe: FeatureRecipe) -> dict[str, str]:
+    """Each weight-hash field of `recipe` -> the registry name of the weights it is the hash of."""
+    return {
+        "detector_weights_sha256": recipe.detector,
+        "face_weights_sha256": recipe.face_backbone,
+        "context_weights_sha256": BACKBONES[recipe.context_backbone].weight_name,
+    }
+
+
+def load_networks(settings: ExtractSettings) -> Networks:
+    return Networks(
+        detector=RetinaFaceDetector(settings.detector_backbone, device=settings.device,
+                                    score_threshold=settings.detector_threshold, precision=settings.precision),
+        face_cnn=FaceCNN(device=settings.device, precision=settings.precision),
+        context_cnn=ContextCNN(settings.context_backbone, device=settings.device, precision=settings.precision),
+    )
+
+
+@dataclass(frozen=True)
+class Window:
+    """Consecutive sampled frames of one clip, (W, H, W, 3) uint8, and their timestamps."""
+
+    entry: ClipEntry
+    frames: np.ndarray
+    stamps: list[float]
+
+
+@dataclass(frozen=True)
+class ClipEnd:
+    """Every window of the clip has been decoded."""
+
+    entry: ClipEntry
+    info: VideoInfo
+
+
+@dataclass(frozen=True)
+class DecodeFailed:
+    """The clip's decoding failed, after the windows decoded before the error."""
+
+    entry: ClipEntry
+    error: Exception
+
+
+# What the decoder yields, in order: each clip's windows, then its end or its failure.
+Decoded = Window | ClipEnd | DecodeFailed
+
+
+def _windows(path: Path, fps: float, size: int) -> Iterator[tuple[np.ndarray, list[float]]]:
+    """The clip's sampled frames in windows of `size` frames, or fewer when they would exceed WINDOW_BYTES."""
+    frames, stamps = [], []
+    for sampled in sample_frames(path, fps=fps):
+        frames.append(sampled.image)
+        stamps.append(sampled.timestamp)
+        if len(frames) >= min(size, max(1, WINDOW_BYTES // sampled.image.nbytes)):
+            yield np.stack(frames), stamps
+            frames, stamps = [], []
+    if frames:
+        yield np.stack(frames), stamps
+
+
+def _decoded(entries: list[ClipEntry], fps: float, size: int) -> Iterator[Decoded]:
+    """Every clip's windows of sampled frames, then its end, or its failure."""
+    for entry in entries:
+        try:
+            info = probe(entry.path)
+            windows = 0
+            for frames, stamps in _windows(entry.path, fps, size):
+                windows += 1
+                yield Window(entry, frames, stamps)
+            if not windows:
+                raise VideoError(f"{entry.path}: no frames could be decoded")
+        except Exception as exc:  # whatever this clip's file does, only this clip fails
+            yield DecodeFailed(entry, exc)
+            continue
+        yield ClipEnd(entry, info)
+
+
+def embed_clips(
+    entries: list[ClipEntry], networks: Networks, settings: ExtractSettings
+) -> Iterator[ClipFeatures | Failure]:
+    """Decode, detect and embed clips; yields each clip's features, or its failure, in manifest order.
+
+    Decoding runs DECODE_AHEAD windows ahead in a thread, overlapping the networks. An error
+    in one clip (decoding, detection and crops, the CNN call its frames are part of, the
+    choice of its main face and the assembly of its arrays) is that clip's Failure, and the
+    other clips go on.
+    """
+    embedder = Embedder(networks, settings.batch_size, keep_crops=settings.save_crops, detect_every=settings.detect_every)
+    in_flight: deque[ClipInProgress] = deque()
+    clip = None
+    for step in ahead(_decoded(entries, settings.fps, settings.batch_size), DECODE_AHEAD):
+        if clip is None:
+            clip = ClipInProgress(step.entry)
+        if isinstance(step, Window):
+            embedder.add_window(clip, step.frames, step.stamps)
+            continue
+        if isinstance(step, DecodeFailed):
+            embedder.fail(clip, "decode", step.error)
+        else:
+            clip.info = step.info
+        clip.all_windows_added = True
+        in_flight.append(clip)
+        clip = None
+        yield from map(_result, finished(in_flight))
+    embedder.flush()
+    yield from map(_result, finished(in_flight))
+
+
+def _result(clip: ClipInProgress) -> ClipFeatures | Failure:
+    """A finished clip's features, with its main face chosen, or its failure."""
+    entry = clip.entry
+    if clip.failed is None:
+        try:
+            return ClipFeatures(
+                clip_id=entry.clip_id,
+                label=entry.label or "",
+                source_path=str(entry.path),
+                source_fps=clip.info.fps,
+                duration=clip.info.duration,
+                **clip.assemble(),
+            )
+        except Exception as exc:  # this clip's detections or features: only this clip fails
+            clip.failed = StageError("assemble", exc)
+    return clip_failure(entry.clip_id, entry.path, clip.failed)
+
+
+def clip_failure(clip_id: str, path: Path, failed: StageError) -> Failure:
+    """The failure of one clip, logged with its traceback (shown with -v). A VideoError names the
+    file and the problem already; other errors say their type too."""
+    exc = failed.exception
+    error = one_line(str(exc) if isinstance(exc, VideoError) else f"{type(exc).__name__}: {exc}")
+    logger.info("%s: failed at stage %s: %s", clip_id, failed.stage, error, exc_info=exc)
+    return Failure(clip_id, str(path), failed.stage, error, file_stamp(path))
