@@ -439,6 +439,9 @@ def training_options(command):
         click.option("--preload", type=click.Choice(PRELOAD_CHOICES), default=TRAINING["preload"], show_default=True,
                      help="Read every clip into memory before training; auto: when it takes at most half the"
                           " available memory."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=TRAINING["precision"], show_default=True,
+                     help="How training steps compute (weights stay float32; validation and evaluate in float32):"
+                          " bfloat16 on CPUs with AVX-512 BF16 or AMX and on GPUs, float16 on GPUs only."),
     ]
     for option in reversed(options):
         command = option(command)

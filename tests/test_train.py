@@ -19,8 +19,8 @@ from train.compare import run_compare
 from features.tools import inspect, merge, repack
 from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, should_preload
 from train.config import TrainConfig
-from train.loop import TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
-from tests.cli_runs import run_cli
+from train.loop import MixedPrecision, TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
+from tests.cli_runs import one_line_error, run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 
@@ -61,6 +61,49 @@ def test_a_label_needing_both_streams_is_learned_by_the_fusion_models(both_signa
 @pytest.mark.parametrize("model", ["face", "context"])
 def test_a_label_needing_both_streams_is_not_learned_by_one_stream(both_signal, tmp_path, model):
     assert accuracy_of(model, both_signal, tmp_path) < 0.7
+
+
+def test_training_in_bfloat16_learns_what_float32_learns(both_signal, tmp_path):
+    # float32 learns it by the second epoch (of FAST's 10): three epochs of bfloat16 must too.
+    # caca learns it too, but its cascade steps are several times slower in bfloat16 on the CPU (about a minute here).
+    assert accuracy_of("concat", both_signal, tmp_path, precision="bfloat16", epochs=3) > 0.9
+    assert json.loads((tmp_path / "concat" / "config.json").read_text())["precision"] == "bfloat16"
+    weights = torch.load(tmp_path / "concat" / "best.pt", weights_only=True)["model"]
+    assert {value.dtype for value in weights.values() if value.is_floating_point()} == {torch.float32}
+
+
+def test_training_in_float16_on_the_cpu_is_refused_in_one_line(both_signal, tmp_path):
+    status, _, stderr = run_cli("train", "--model", "face", "--features", both_signal, "--out", tmp_path / "run",
+                                "--device", "cpu", "--precision", "float16")
+    one_line_error(status, stderr, "float16", "bfloat16")
+    assert not (tmp_path / "run").exists()
+
+
+def one_step(model: torch.nn.Module, precision: MixedPrecision, loss_of) -> None:
+    """One SGD step (lr 1) of `model` on the loss `loss_of(model)` computed under `precision`."""
+    with precision.forward():
+        loss = loss_of(model)
+    precision.step(loss, torch.optim.SGD(model.parameters(), lr=1.0))
+
+
+def test_float16_steps_scale_the_loss_and_give_the_optimiser_true_gradients_or_skip_overflows():
+    # The GPU's float16 path (GradScaler), run on the CPU: the scaled loss keeps small gradients
+    # from flushing to zero, the optimiser must see them unscaled, and a step that overflows is skipped.
+    torch.manual_seed(0)
+    inputs, target = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    plain = torch.nn.Linear(16, 4)
+    scaled = torch.nn.Linear(16, 4)
+    scaled.load_state_dict(plain.state_dict())
+    loss_of = lambda model: torch.nn.functional.cross_entropy(model(inputs), target)  # noqa: E731
+    one_step(plain, MixedPrecision(torch.device("cpu"), "float32"), loss_of)
+    float16 = MixedPrecision(torch.device("cpu"), "float16")
+    assert float16.scaler.get_scale() > 1
+    one_step(scaled, float16, loss_of)
+    torch.testing.assert_close(scaled.weight, plain.weight, atol=2e-3, rtol=0)
+
+    before, scale = scaled.weight.detach().clone(), float16.scaler.get_scale()
+    one_step(scaled, float16, lambda model: loss_of(model) * float("inf"))
+    assert torch.equal(scaled.weight, before) and float16.scaler.get_scale() < scale
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +249,24 @@ def test_compare_tables_the_runs_medians_and_ranges_and_resumes_without_training
     run_compare(base, models, seeds=seeds, out=tmp_path, log=lines.append)
     assert lines == [f"{len(models) * seeds} of {len(models) * seeds} runs already finished; training 0"]
     assert run_files(tmp_path) == everything
+
+
+def test_a_run_of_another_precision_is_not_reused_by_compare_and_one_without_the_field_is_float32(
+        face_signal, tmp_path):
+    base = TrainConfig(model="face", features=face_signal, epochs=1, **CPU)
+    run_compare(base, ["face"], seeds=1, out=tmp_path, log=lambda line: None)
+    config_file = tmp_path / "face-seed0" / "config.json"
+    assert json.loads(config_file.read_text())["precision"] == "float32"
+    with pytest.raises(TrainError, match="precision 'float32' there, 'bfloat16' here"):
+        run_compare(dataclasses.replace(base, precision="bfloat16"), ["face"], seeds=1, out=tmp_path,
+                    log=lambda line: None)
+
+    older = json.loads(config_file.read_text())
+    del older["precision"]  # a run trained before the setting existed, in float32
+    config_file.write_text(json.dumps(older))
+    lines = []
+    run_compare(base, ["face"], seeds=1, out=tmp_path, log=lines.append)
+    assert lines[0] == "1 of 1 runs already finished; training 0"
 
 
 def test_class_weights_favour_rare_classes():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from extract.settings import DEFAULT_PRECISION
 from features.layout import DEFAULT_ROOT
 from train.layout import run_name
 
@@ -26,7 +27,11 @@ PRELOAD_CHOICES = ("auto", "always", "never")
 # The class index of a clip without a label (predicted, never scored).
 UNLABELLED = -1
 # How a run is carried out, not what it learns: a run with other values of these is the same run.
+# Not the precision: its rounding changes the weights learnt and the scores, so it makes another run.
 RUNTIME_FIELDS = ("out", "device", "num_workers", "preload")
+# Settings recorded in config.json only since a later version, with the value every run before
+# them was trained with: a config.json without one is read as having that value.
+SETTING_DEFAULTS = {"precision": DEFAULT_PRECISION}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class TrainConfig:
     num_workers: int = 0
     class_weighting: bool = False
     preload: str = "auto"
+    # Training steps in float32, or under autocast to bfloat16 or float16 (weights stay float32).
+    precision: str = DEFAULT_PRECISION
 
     @property
     def run_folder(self) -> Path:
@@ -55,9 +62,10 @@ class TrainConfig:
     def differences(self, stored: dict) -> list[str]:
         """How a run's stored config.json differs from this config in what decides the result."""
         mine = {k: v for k, v in self.to_json().items() if k not in RUNTIME_FIELDS}
+        theirs = {**SETTING_DEFAULTS, **stored}
         missing = "(missing)"
-        return [f"{key} {stored.get(key, missing)!r} there, {value!r} here"
-                for key, value in mine.items() if stored.get(key, missing) != value]
+        return [f"{key} {theirs.get(key, missing)!r} there, {value!r} here"
+                for key, value in mine.items() if theirs.get(key, missing) != value]
 
 
 def parse_models(text: str) -> list[str]:

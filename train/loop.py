@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from devices import resolve_device
 from errors import UserError
+from extract.runtime import autocast, checked_precision
+from extract.settings import DEFAULT_PRECISION
 from features.reader import FeatureSet, open_features
 from features.schema import MAX_CONTEXT_DIM, are_distinct_names, comparable, is_int
 from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
@@ -99,18 +101,51 @@ def labelled_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
     return compute_metrics(labels[known], probabilities[known], classes)
 
 
-def _train_epoch(model, loader, optimiser, loss_fn, device, bar: tqdm) -> tuple[float, float]:
-    """One epoch; returns (mean loss, seconds spent waiting for data)."""
+class MixedPrecision:
+    """How training steps compute: the forward pass and the loss under autocast to `precision`
+    (float32: as they are), while the weights, their gradients and Adam's state stay float32;
+    for float16 the loss is scaled (GradScaler) so that small gradients do not flush to zero."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
+
+    def forward(self):
+        return autocast(self.device, self.precision)
+
+    def step(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        optimiser.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimiser)  # skipped when the scaled gradients overflowed; the scale then shrinks
+        self.scaler.update()
+
+
+def training_precision(device: torch.device, precision: str) -> MixedPrecision:
+    """`precision` for training on `device`, or TrainError where this toolkit refuses it."""
+    if checked_precision(precision) == "float16" and device.type == "cpu":
+        # Measured (benchmarks/README.md): 3-8x slower than float32 on a CPU with AVX-512, which
+        # converts float16 rather than computing in it.
+        raise TrainError("--precision float16 is for GPUs: on the CPU it is several times slower than float32;"
+                         " use --precision bfloat16 (CPUs with AVX-512 BF16 or AMX) or float32")
+    if precision == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise TrainError(f"this GPU ({torch.cuda.get_device_name(device)}) does not compute in bfloat16: use"
+                         " --precision float16 or float32")
+    return MixedPrecision(device, precision)
+
+
+def _train_epoch(model, loader, optimiser, loss_fn, device, bar: tqdm,
+                 precision: MixedPrecision | None = None) -> tuple[float, float]:
+    """One epoch (in float32 unless `precision` says otherwise); returns (mean loss, seconds spent waiting for data)."""
+    precision = precision or MixedPrecision(device, DEFAULT_PRECISION)
     model.train()
     total, count, waiting = 0.0, 0, 0.0
     tick = time.perf_counter()
     for batch in loader:
         waiting += time.perf_counter() - tick
-        logits = model(*model_inputs(model, batch, device))
-        loss = loss_fn(logits, batch["label"].to(device))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        with precision.forward():
+            logits = model(*model_inputs(model, batch, device))
+            loss = loss_fn(logits, batch["label"].to(device))
+        precision.step(loss, optimiser)
         total += loss.item() * len(batch["label"])
         count += len(batch["label"])
         bar.set_postfix(loss=f"{total / count:.4f}")
@@ -169,6 +204,7 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     `overwrite` (see `_check_run_folder`).
     """
     device = resolve_device(config.device)
+    precision = training_precision(device, config.precision)
     _check_run_folder(config.run_folder, config, overwrite)
     seed_everything(config.seed)
     train_set, val_set = open_split(config.features, config.train_split), open_split(config.features, config.val_split)
@@ -183,8 +219,9 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
                            preload=should_preload(val_set, config.preload, model.inputs))
     if all(label == UNLABELLED for label in val_data.labels):
         raise TrainError(f"the {config.val_split} features have no labels: choose a labelled --val-split")
-    logger.info("device %s; %d %s clips and %d %s clips, preloaded: %s / %s", device, len(train_data),
-                config.train_split, len(val_data), config.val_split, train_data.cache is not None, val_data.cache is not None)
+    logger.info("device %s, training in %s; %d %s clips and %d %s clips, preloaded: %s / %s", device, config.precision,
+                len(train_data), config.train_split, len(val_data), config.val_split, train_data.cache is not None,
+                val_data.cache is not None)
     train_loader = make_loader(train_data, config.batch_size, config.num_workers, config.seed, shuffle=True)
     val_loader = make_loader(val_data, config.batch_size, config.num_workers, config.seed, shuffle=False)
 
@@ -208,7 +245,9 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
             started = time.perf_counter()
             label = f"{config.model} epoch {epoch}/{config.epochs}"
             with tqdm(total=len(train_loader), desc=label, unit="batch", disable=not progress) as bar:
-                loss, waiting = _train_epoch(model, train_loader, optimiser, loss_fn, device, bar)
+                loss, waiting = _train_epoch(model, train_loader, optimiser, loss_fn, device, bar, precision)
+                # Validation computes in float32 whatever the training precision, as `evaluate` and
+                # `predict` do: the weights are float32, so a run's scores are its checkpoint's anywhere.
                 _, labels, probabilities = predict(model, val_loader, device)
                 metrics = labelled_metrics(labels, probabilities, classes)
                 bar.set_postfix(loss=f"{loss:.4f}", val_map=f"{metrics.map:.4f}")
