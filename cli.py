@@ -19,7 +19,7 @@ from extract.settings import BACKBONES, BACKENDS, PRECISIONS, ExtractSettings
 from features.recipe import CONTEXT_DTYPES
 from outputs import plain_name_problem
 from train.config import (
-    ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PRELOAD_CHOICES, TRAINABLE_MODELS, TrainConfig,
+    ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PAPER_SEEDS, PRELOAD_CHOICES, TRAINABLE_MODELS, TrainConfig,
 )
 
 DEFAULT_DEMO_OUT = Path("outputs/demo")
@@ -532,7 +532,7 @@ def ensemble(runs, more_runs, split, features, out, device, overwrite):
 @cli.command()
 @click.option("--models", default=",".join(MODEL_NAMES), show_default=True,
               help=f"Comma-separated model names (also: {', '.join(sorted(set(TRAINABLE_MODELS) - set(MODEL_NAMES)))}).")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds 0..N-1 per model.")
+@click.option("--seeds", type=click.IntRange(min=1), default=PAPER_SEEDS, show_default=True, help="Seeds 0..N-1 per model.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Trainings at once (joblib).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_COMPARE, show_default=True)
 @click.option("--test-split", default=DEFAULT_TEST_SPLIT, show_default=True, callback=plain_split,

@@ -36,17 +36,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from extract.settings import ExtractSettings  # noqa: E402
+from extract.settings import DEFAULT_FPS, ExtractSettings  # noqa: E402
 from features.labels import CHEAVD_CLASSES  # noqa: E402
 from features.reader import open_features, write_index  # noqa: E402
-from features.schema import FACE_DIM, FACE_MAP_SHAPE, ClipFeatures, shard_name  # noqa: E402
+from features.schema import FACE_DIM, ClipFeatures, shard_name  # noqa: E402
 from features.writer import ShardWriter  # noqa: E402
-from tests.feature_files import extractor_attrs  # noqa: E402
-from train.config import MODEL_NAMES, TRAINABLE_MODELS, TrainConfig, parse_models  # noqa: E402
+from tests.feature_files import clip_of, extractor_attrs  # noqa: E402
+from train.config import PAPER_SEEDS, MODEL_NAMES, TRAINABLE_MODELS, TrainConfig, parse_models  # noqa: E402
 from train.models import PAPER_CONTEXT_DIM  # noqa: E402
 
 SPLITS = {"train": 4917, "val": 707}  # CHEAVD 2.0 (MEC 2017)
-FPS = 5.0
 MIN_SECONDS, MAX_SECONDS = 1.0, 19.0
 # Seconds beyond the first: log-normal, mean 2.3 s, so clips average 3.3 s and most last 1-4 s.
 EXTRA_SECONDS_LOG_MEAN, EXTRA_SECONDS_LOG_SD = 0.552, 0.75
@@ -59,7 +58,7 @@ SHARD_CLIPS = ExtractSettings.shard_size
 SET_FILE = "paper_scale.json"  # written last: the folder holds the complete set it describes
 
 # The Table I protocol: the six RNNs, 5 seeds, 30 epochs each (train.config's defaults).
-PROTOCOL_SEEDS = 5
+PROTOCOL_SEEDS = PAPER_SEEDS
 PROTOCOL_EPOCHS = TrainConfig.epochs
 # The targets.
 FLOOR_MULTIPLE_TARGET = 4.0
@@ -74,7 +73,7 @@ def clip_counts(scale: float) -> dict[str, int]:
 
 def clip_frames(rng: np.random.Generator) -> int:
     seconds = MIN_SECONDS + rng.lognormal(EXTRA_SECONDS_LOG_MEAN, EXTRA_SECONDS_LOG_SD)
-    return max(1, round(min(seconds, MAX_SECONDS) * FPS))
+    return max(1, round(min(seconds, MAX_SECONDS) * DEFAULT_FPS))
 
 
 def cheavd_clip(clip_id: str, label: str, rng: np.random.Generator) -> ClipFeatures:
@@ -82,18 +81,8 @@ def cheavd_clip(clip_id: str, label: str, rng: np.random.Generator) -> ClipFeatu
     has_face = rng.random(frames) >= FACELESS_SHARE
     has_face[0] = True
     face = rng.standard_normal((frames, FACE_DIM), np.float32)
-    face_map = np.repeat(face[:, :, None], int(np.prod(FACE_MAP_SHAPE[1:])), axis=2).reshape(frames, *FACE_MAP_SHAPE)
     context = np.maximum(rng.standard_normal((frames, PAPER_CONTEXT_DIM), np.float32), 0).astype(np.float16)
-    box = np.tile(np.float32([10, 10, 60, 60]), (frames, 1))
-    landmarks = np.full((frames, 5, 2), 30, np.float32)
-    score = np.full(frames, 0.99, np.float32)
-    absent = ~has_face
-    face[absent], face_map[absent], score[absent], box[absent], landmarks[absent] = 0, 0, 0, np.nan, np.nan
-    return ClipFeatures(
-        clip_id=clip_id, label=label, source_path=f"{clip_id}.mp4", source_fps=25.0, duration=frames / FPS,
-        timestamps=np.arange(frames) / FPS, has_face=has_face, face=face, face_map=face_map.astype(np.float16),
-        context=context, box=box, score=score, landmarks=landmarks,
-    )
+    return clip_of(clip_id, label, has_face, face, context)
 
 
 def write_split(folder: Path, split: str, count: int, rng: np.random.Generator) -> None:
@@ -286,7 +275,7 @@ def main() -> None:
     for split in counts:
         with open_features(args.features / split) as features:
             frames[split] = features.n_frames
-    print(f"{counts['train']} train and {counts['val']} val clips ({frames['train'] / counts['train'] / FPS:.1f} s"
+    print(f"{counts['train']} train and {counts['val']} val clips ({frames['train'] / counts['train'] / DEFAULT_FPS:.1f} s"
           f" a clip on average), {frames['train'] + frames['val']} frames, context {PAPER_CONTEXT_DIM}-d float16,"
           f" {shard_bytes(args.features) / 1e9:.2f} GB of gzip shards in {args.features}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device or 'default'};"

@@ -32,7 +32,7 @@ from features.schema import shard_name  # noqa: E402
 from features.tools import repack  # noqa: E402
 from tests.feature_files import extractor_attrs, planted_clip  # noqa: E402
 from train.data import ClipDataset, make_loader  # noqa: E402
-from train.loop import _train_epoch, predict  # noqa: E402
+from train.loop import MixedPrecision, _train_epoch, predict  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 
@@ -57,7 +57,8 @@ def epoch(model_name: str, folder: Path, preload: bool, workers: int, batch_size
         loader = make_loader(train, batch_size, workers, 0, shuffle=True)
         start = time.perf_counter()
         with tqdm(total=len(loader), disable=True) as bar:
-            _, waiting = _train_epoch(model, loader, optimiser, torch.nn.CrossEntropyLoss(), torch.device("cpu"), bar)
+            _, waiting = _train_epoch(model, loader, optimiser, torch.nn.CrossEntropyLoss(), torch.device("cpu"), bar,
+                                      MixedPrecision(torch.device("cpu"), "float32"))
         total = time.perf_counter() - start
         evaluation = ClipDataset(features, classes, train=False, inputs=model.inputs, preload=preload)
         start = time.perf_counter()

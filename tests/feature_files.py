@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from features.reader import open_features, write_index
-from features.schema import ClipFeatures, shard_name
+from extract.settings import DEFAULT_FPS
+from features.schema import FACE_MAP_SHAPE, ClipFeatures, shard_name
 from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
 
@@ -62,17 +63,27 @@ def planted_clip(clip_id: str, label: int, face_code: np.ndarray, context_code: 
     has_face = rng.random(frames) > faceless
     has_face[0] = True
     face = (rng.normal(0, 1, (frames, 128)) + face_code).astype(np.float32)
-    face_map = np.repeat(face[:, :, None, None], 16, axis=2).reshape(frames, 128, 4, 4).astype(np.float16)
     context = (rng.normal(0, 1, (frames, context_dim)) + context_code).astype(np.float32)
+    return clip_of(clip_id, CHEAVD_CLASSES[label], has_face, face, context)
+
+
+def clip_of(clip_id: str, label: str, has_face: np.ndarray, face: np.ndarray, context: np.ndarray) -> ClipFeatures:
+    """A clip sampled at the default fps from `face` and `context` features: its face maps are the
+    face features spread over the 4x4 cells, its box, landmarks and score fixed, and where a frame
+    has no face everything of the face is filled as the extractor fills it."""
+    frames = len(has_face)
+    face = face.copy()
+    face_map = np.repeat(face[:, :, None], int(np.prod(FACE_MAP_SHAPE[1:])), axis=2).reshape(frames, *FACE_MAP_SHAPE)
+    face_map = face_map.astype(np.float16)
     box = np.tile(np.float32([10, 10, 60, 60]), (frames, 1))
     landmarks = np.full((frames, 5, 2), 30, np.float32)
     score = np.full(frames, 0.99, np.float32)
     absent = ~has_face
     face[absent], face_map[absent], score[absent], box[absent], landmarks[absent] = 0, 0, 0, np.nan, np.nan
     return ClipFeatures(
-        clip_id=clip_id, label=CHEAVD_CLASSES[label], source_path=f"{clip_id}.mp4", source_fps=25.0,
-        duration=frames / 5, timestamps=np.arange(frames) / 5, has_face=has_face, face=face, face_map=face_map,
-        context=context, box=box, score=score, landmarks=landmarks,
+        clip_id=clip_id, label=label, source_path=f"{clip_id}.mp4", source_fps=25.0,
+        duration=frames / DEFAULT_FPS, timestamps=np.arange(frames) / DEFAULT_FPS, has_face=has_face, face=face,
+        face_map=face_map, context=context, box=box, score=score, landmarks=landmarks,
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from extract.settings import DEFAULT_PRECISION
 from features.layout import DEFAULT_ROOT
+from features.recipe import MISSING
 from train.layout import run_name
 
 DEFAULT_RUNS = Path("runs")
@@ -24,6 +25,8 @@ TRAINABLE_MODELS = (*MODEL_NAMES, SPATIOTEMPORAL)
 ALIASES = {"caca-a": "caca"}
 
 PRELOAD_CHOICES = ("auto", "always", "never")
+# Table I reports the median of five seeds per model.
+PAPER_SEEDS = 5
 # The class index of a clip without a label (predicted, never scored).
 UNLABELLED = -1
 # How a run is carried out, not what it learns: a run with other values of these is the same run.
@@ -63,9 +66,8 @@ class TrainConfig:
         """How a run's stored config.json differs from this config in what decides the result."""
         mine = {k: v for k, v in self.to_json().items() if k not in RUNTIME_FIELDS}
         theirs = {**SETTING_DEFAULTS, **stored}
-        missing = "(missing)"
-        return [f"{key} {theirs.get(key, missing)!r} there, {value!r} here"
-                for key, value in mine.items() if theirs.get(key, missing) != value]
+        return [f"{key} {theirs.get(key, MISSING)!r} there, {value!r} here"
+                for key, value in mine.items() if theirs.get(key, MISSING) != value]
 
 
 def parse_models(text: str) -> list[str]:

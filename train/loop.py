@@ -28,7 +28,6 @@ from tqdm import tqdm
 from devices import resolve_device
 from errors import UserError
 from extract.runtime import autocast, checked_precision
-from extract.settings import DEFAULT_PRECISION
 from features.reader import FeatureSet, open_features
 from features.schema import MAX_CONTEXT_DIM, are_distinct_names, comparable, is_int
 from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
@@ -134,9 +133,8 @@ def training_precision(device: torch.device, precision: str) -> MixedPrecision:
 
 
 def _train_epoch(model, loader, optimiser, loss_fn, device, bar: tqdm,
-                 precision: MixedPrecision | None = None) -> tuple[float, float]:
-    """One epoch (in float32 unless `precision` says otherwise); returns (mean loss, seconds spent waiting for data)."""
-    precision = precision or MixedPrecision(device, DEFAULT_PRECISION)
+                 precision: MixedPrecision) -> tuple[float, float]:
+    """One epoch; returns (mean loss, seconds spent waiting for data)."""
     model.train()
     total, count, waiting = 0.0, 0, 0.0
     tick = time.perf_counter()
