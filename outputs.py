@@ -205,3 +205,11 @@ def create_new_file(path: Path, text: str) -> None:
         return
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write(text)
+
+
+def user_cache(kind: str, env: str) -> Path:
+    """Where this toolkit keeps its `kind` of cache: $`env`, else ~/.cache/caca-rnn/`kind`
+    ($XDG_CACHE_HOME honoured)."""
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caca-rnn" / kind

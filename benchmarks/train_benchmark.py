@@ -14,6 +14,7 @@ run, not seconds across runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -31,9 +32,10 @@ from features.writer import ShardWriter  # noqa: E402
 from features.schema import shard_name  # noqa: E402
 from features.tools import repack  # noqa: E402
 from tests.feature_files import extractor_attrs, planted_clip  # noqa: E402
-from train.data import ClipDataset, make_loader  # noqa: E402
+from train.data import ClipDataset, make_loader, preloaded  # noqa: E402
 from train.loop import MixedPrecision, _train_epoch, predict  # noqa: E402
 from train.models import build_model  # noqa: E402
+from train.packed import CACHE_ENV  # noqa: E402
 
 
 def write_features(folder: Path, clips: int, context_dim: int) -> None:
@@ -53,14 +55,16 @@ def epoch(model_name: str, folder: Path, preload: bool, workers: int, batch_size
         classes = list(features.attrs["classes"])
         model = build_model(model_name, int(features.attrs["context_dim"]), len(classes))
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
-        train = ClipDataset(features, classes, train=True, inputs=model.inputs, preload=preload)
+        # The steps cache is made by the warm-up epoch and mapped by every later one.
+        steps = preloaded(features, "always", model.inputs, "train", log=lambda line: None) if preload else None
+        train = ClipDataset(features, classes, train=True, inputs=model.inputs, steps=steps)
         loader = make_loader(train, batch_size, workers, 0, shuffle=True)
         start = time.perf_counter()
         with tqdm(total=len(loader), disable=True) as bar:
             _, waiting = _train_epoch(model, loader, optimiser, torch.nn.CrossEntropyLoss(), torch.device("cpu"), bar,
                                       MixedPrecision(torch.device("cpu"), "float32"))
         total = time.perf_counter() - start
-        evaluation = ClipDataset(features, classes, train=False, inputs=model.inputs, preload=preload)
+        evaluation = ClipDataset(features, classes, train=False, inputs=model.inputs, steps=steps)
         start = time.perf_counter()
         predict(model, make_loader(evaluation, 64, workers, 0, False), torch.device("cpu"))
         return total, waiting, time.perf_counter() - start
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Epochs per way of reading; the fastest is shown.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ[CACHE_ENV] = str(Path(tmp) / "steps")
         gzip_folder, none_folder = Path(tmp) / "gzip", Path(tmp) / "none"
         write_features(gzip_folder, args.clips, args.context_dim)
         repack(gzip_folder, none_folder, "none")

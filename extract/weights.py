@@ -28,7 +28,7 @@ from typing import Callable, Union
 from tqdm import tqdm
 
 from errors import UserError
-from outputs import write_atomically
+from outputs import user_cache, write_atomically
 
 CACHE_ENV = "CACA_WEIGHTS_DIR"
 DOWNLOAD_TIMEOUT_S = 30
@@ -140,12 +140,7 @@ def spec_for(name: str) -> WeightSpec:
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """--cache-dir, else $CACA_WEIGHTS_DIR, else the user's cache folder."""
-    if override:
-        return Path(override).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "caca-rnn" / "weights"
+    return Path(override).expanduser() if override else user_cache("weights", CACHE_ENV)
 
 
 def sha256_of(path: Path) -> str:

@@ -616,6 +616,17 @@ class FeatureSet:
         )
         return clip
 
+    def read_shard(self, number: int, arrays: Iterable[str]) -> dict[str, np.ndarray]:
+        """The per-frame `arrays` of every clip of `self.shards[number]`, whole (one read each, which
+        decompresses each chunk once), in the order of the shard's clip table."""
+        shard = self.shards[number]
+        datasets = self._datasets(number)
+        try:
+            return {name: self._has_face_column(number) if name == "has_face" else datasets[name][...]
+                    for name in arrays}
+        except FILE_ERRORS as exc:
+            raise FeatureFileError(f"{shard.path}: unreadable ({exc}); the file is damaged") from exc
+
     def _has_face_column(self, number: int) -> np.ndarray:
         if number not in self._has_face:
             self._has_face[number] = stored_has_face(self._datasets(number)["has_face"])

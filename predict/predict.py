@@ -37,7 +37,8 @@ from manifests.spreadsheet import neutralised
 from outputs import OutputError, claim_folder, create_new_file, output_paths, same_file, write_atomically
 from predict.explain import explain_clip, thumbnails
 from train.config import UNLABELLED
-from train.data import clip_steps, collate, step_frames_mask
+from train.data import clip_steps, collate
+from train.packed import step_frames_mask
 from train.layout import COMPLETE_MARK
 from train.loop import load_run, model_inputs
 from train.metrics import PROBABILITY_PREFIX

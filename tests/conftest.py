@@ -3,6 +3,7 @@ frozen networks built from them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,21 @@ from extract.context_cnn import ContextCNN
 from extract.embed import Networks
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
+from train.packed import CACHE_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def steps_cache(tmp_path_factory):
+    """Training's steps cache in a folder of this session (inherited by every CLI subprocess),
+    never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("steps-cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")

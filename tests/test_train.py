@@ -17,7 +17,8 @@ from features.writer import ShardWriter
 from features.schema import shard_name
 from train.compare import run_compare
 from features.tools import inspect, merge, repack
-from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, should_preload
+from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, preloaded
+from train.packed import packed_in_memory
 from train.config import TrainConfig
 from train.loop import MixedPrecision, TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
 from tests.cli_runs import one_line_error, run_cli
@@ -330,8 +331,9 @@ def test_class_weighting_weights_the_training_loss_by_inverse_class_frequency(tm
 def test_training_starts_each_clip_at_a_random_step_of_its_first_half_and_evaluation_at_its_first(both_signal):
     with open_features(both_signal / "train") as features:
         classes = list(features.attrs["classes"])
-        training = ClipDataset(features, classes, train=True, inputs=("face",), preload=True)
-        evaluation = ClipDataset(features, classes, train=False, inputs=("face",), preload=True)
+        steps = packed_in_memory(features, ("face",))
+        training = ClipDataset(features, classes, train=True, inputs=("face",), steps=steps)
+        evaluation = ClipDataset(features, classes, train=False, inputs=("face",), steps=steps)
         clips = [features[clip_id] for clip_id in features.clip_ids]
     torch.manual_seed(0)
     lengths_seen = set()
@@ -357,10 +359,12 @@ def test_training_needs_labelled_splits(both_signal, tmp_path):
         train_model(TrainConfig(model="face", features=both_signal, val_split="nope", out=tmp_path / "x", **CPU))
 
 
-def test_preloading_is_automatic_when_the_split_fits_in_memory(both_signal):
+def test_preloading_maps_the_steps_cache_unless_told_never(both_signal):
     with open_features(both_signal / "train") as features:
-        assert should_preload(features, "auto", STEP_INPUTS) and should_preload(features, "always", STEP_INPUTS)
-        assert not should_preload(features, "never", ("face",))
+        for choice in ("auto", "always"):
+            steps = preloaded(features, choice, STEP_INPUTS, "train", log=print)
+            assert steps.folder is not None and set(steps.arrays) == set(STEP_INPUTS)
+        assert preloaded(features, "never", ("face",), "train", log=print) is None
         assert in_memory_bytes(features, ("face", "context")) == features.n_frames * (128 * 4 + 64 * 2)
         assert in_memory_bytes(features, ("face",)) == features.n_frames * 128 * 4
         assert in_memory_bytes(features, ("face_map",)) == features.n_frames * 128 * 4 * 4 * 2

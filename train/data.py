@@ -1,6 +1,6 @@
 """Stage 2's data: clips read from feature shards, as padded batches of aligned face and context steps.
 
-Frames without a face (one policy, here): the paper pairs each detected face with its frame
+Frames without a face (one policy, `train.packed.step_frames_mask`): the paper pairs each detected face with its frame
 ("with each detected face, corresponding context stream contains the original frame"), so a
 clip's steps are its frames WITH a face, in time order, for both streams. A clip where no
 frame has a face still gets a prediction: its steps are all its frames, with face features
@@ -14,12 +14,19 @@ Each model declares the per-frame inputs it reads (`model.inputs`, a subset of
 `STEP_INPUTS`), and only those are read from the shards, with `has_face` to choose the steps:
 Face-RNN never reads the context features, `c3d` reads only the face maps (128x4x4 per
 frame, 8x the memory of the face features). Every input follows the same steps.
+
+Preloaded splits (train/packed.py) hold every clip's steps in one array per input; their
+batches are gathered whole and equal, bit for bit, the batches `collate` makes of the same
+clips read from the shards, except that each input keeps its stored dtype.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from features.reader import FeatureSet
 from features.schema import shard_frame_arrays
+from train.packed import PackedSteps, preload_steps, step_frames_mask
 from train.config import UNLABELLED
 
 # The per-frame arrays (shard datasets) a model can take as steps, by name: `model(inputs, mask)`
@@ -35,28 +43,36 @@ from train.config import UNLABELLED
 STEP_INPUTS = ("face", "context", "face_map")
 
 
-# "auto" preloads a split whose arrays take at most this share of the memory available now.
+# "auto" packs a split in memory, when the steps cache cannot be used, if its arrays take at
+# most this share of the memory available now; otherwise it reads the shards every epoch.
 PRELOAD_MEMORY_SHARE = 0.5
 
 
 def in_memory_bytes(features: FeatureSet, inputs: tuple[str, ...]) -> int:
-    """What preloading `inputs` of every frame would take (face float32, context and maps as stored)."""
+    """What `inputs` of every frame take in memory, as stored (face float32, context and maps float16 by default)."""
     arrays = shard_frame_arrays(features.attrs)
     per_frame = sum(arrays[name][0].itemsize * int(np.prod(arrays[name][1])) for name in inputs)
     return features.n_frames * per_frame
 
 
-def should_preload(features: FeatureSet, choice: str, inputs: tuple[str, ...]) -> bool:
-    """Preloading removes reading and decompression from every epoch; "auto" does it when it fits."""
-    if choice != "auto":
-        return choice == "always"
+def fits_in_memory(features: FeatureSet, inputs: tuple[str, ...]) -> bool:
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return in_memory_bytes(features, inputs) <= PRELOAD_MEMORY_SHARE * available
 
 
-def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
-    """Which frames are the clip's steps under the faceless-frame policy above."""
-    return has_face if has_face.any() else np.ones(len(has_face), bool)
+def preloaded(features: FeatureSet, choice: str, inputs: tuple[str, ...], what: str,
+              log: Callable[[str], None]) -> PackedSteps | None:
+    """The split's packed steps for `--preload choice`, None to read the shards every epoch.
+
+    "always" and "auto" map the steps cache (train/packed.py), which removes reading and
+    decompression from every epoch; where the cache cannot be written, "always" packs the
+    steps in memory, and "auto" does so only when they fit.
+    """
+    if choice == "never":
+        return None
+    if choice == "auto" and not fits_in_memory(features, inputs):
+        return preload_steps(features, inputs, what, log, fallback=False)
+    return preload_steps(features, inputs, what, log)
 
 
 @dataclass
@@ -78,14 +94,26 @@ def clip_steps(clip_id: str, clip: dict, label: int, inputs: tuple[str, ...]) ->
     return ClipSteps(clip_id, {name: clip[name][keep] for name in inputs}, label)
 
 
+def random_start(length: int) -> int:
+    """A training clip's first step, one of its first half: 2 * start < length.
+
+    torch's generator: seeded per DataLoader worker, so runs repeat exactly; drawn one clip at
+    a time in batch order, whichever way the batch is then put together.
+    """
+    return int(torch.randint(0, (length + 1) // 2, ()).item())
+
+
 class ClipDataset(Dataset):
-    """One item per clip of a feature set; optionally every clip preloaded into memory."""
+    """One item per clip of a feature set: its steps, read from the shards, or from `steps` when
+    the split is preloaded, whole batches then being gathered at once (`__getitems__`)."""
 
     def __init__(self, features: FeatureSet, classes: list[str], train: bool, inputs: tuple[str, ...],
-                 preload: bool = False):
+                 steps: PackedSteps | None = None, pin_memory: bool = False):
         unknown = [name for name in inputs if name not in STEP_INPUTS]
         if not inputs or unknown:
             raise ValueError(f"inputs must be some of {STEP_INPUTS}, got {inputs}")
+        if steps is not None and any(name not in steps.arrays for name in inputs):
+            raise ValueError(f"the packed steps hold {tuple(steps.arrays)}, not all of {inputs}")
         self.features = features
         self.inputs = inputs
         self.arrays = ("has_face", *inputs)
@@ -93,36 +121,111 @@ class ClipDataset(Dataset):
         index = {name: i for i, name in enumerate(classes)}
         self.labels = [UNLABELLED if features.labels[c] is None else index[features.labels[c]] for c in self.clip_ids]
         self.train = train
-        self.cache = [self._read(i) for i in range(len(self.clip_ids))] if preload else None
+        self.steps = steps
+        # Batches gathered straight into page-locked memory copy to a GPU without a staging copy.
+        self.pin_memory = pin_memory
+        self.buffers = BufferPool()
 
     def __len__(self) -> int:
         return len(self.clip_ids)
 
-    def _read(self, i: int) -> ClipSteps:
-        clip = self.features.read(self.clip_ids[i], self.arrays)
-        return clip_steps(self.clip_ids[i], clip, self.labels[i], self.inputs)
+    def _steps(self, i: int) -> ClipSteps:
+        if self.steps is None:
+            clip = self.features.read(self.clip_ids[i], self.arrays)
+            return clip_steps(self.clip_ids[i], clip, self.labels[i], self.inputs)
+        rows = slice(self.steps.offsets[i], self.steps.offsets[i + 1])
+        return ClipSteps(self.clip_ids[i], {name: self.steps.arrays[name][rows] for name in self.inputs},
+                         self.labels[i])
 
     def __getitem__(self, i: int) -> ClipSteps:
-        steps = self.cache[i] if self.cache is not None else self._read(i)
-        if not self.train:
-            return steps
-        # A step of the first half: 2 * start < len(steps). torch's generator: seeded per DataLoader
-        # worker, so runs repeat exactly.
-        start = int(torch.randint(0, (len(steps) + 1) // 2, ()).item())
-        return steps.from_step(start)
+        steps = self._steps(i)
+        return steps.from_step(random_start(len(steps))) if self.train else steps
+
+    def __getitems__(self, indices: list[int]) -> list[ClipSteps] | dict:
+        """A batch's clips for `collate`, or, preloaded, the batch itself (`gather`)."""
+        if self.steps is None:
+            return [self[i] for i in indices]
+        lengths = self.steps.lengths[indices]
+        starts = np.array([random_start(int(n)) for n in lengths] if self.train else np.zeros(len(indices)), np.int64)
+        return self.gather(indices, starts)
+
+    def gather(self, indices: list[int], starts: np.ndarray) -> dict:
+        """The batch of clips `indices`, each from its step `starts`, as `collate` makes it, except
+        that each input keeps its stored dtype (float16 context and maps stay float16 until the
+        model's device): one contiguous copy per clip and input, padding zeroed alone."""
+        first = self.steps.offsets[indices] + starts
+        lengths = self.steps.lengths[indices] - starts
+        steps = int(lengths.max())
+        inputs = {}
+        for name in self.inputs:
+            source = self.steps.arrays[name]
+            shape = (len(indices), steps, *source.shape[1:])
+            if self.pin_memory:
+                # torch keeps freed page-locked blocks for reuse once their copies to the GPU are done.
+                out = torch.empty(shape, dtype=TORCH_DTYPES[source.dtype], pin_memory=True)
+                rows = out.numpy()
+            else:
+                rows = self.buffers.take(shape, source.dtype)
+                out = torch.from_numpy(rows)
+            for row, (begin, length) in enumerate(zip(first, lengths)):
+                rows[row, :length] = source[begin: begin + length]
+                rows[row, length:] = 0
+            inputs[name] = out
+        return batch_of(inputs, torch.from_numpy(lengths), [self.labels[i] for i in indices],
+                        [self.clip_ids[i] for i in indices])
 
 
-def collate(items: list[ClipSteps]) -> dict:
-    """Left-aligned padding to the longest clip, one tensor per input the items have; `mask` is True on real steps."""
+class BufferPool:
+    """Host memory for batches, used again once no batch refers to it.
+
+    A fresh array as large as a batch of 25088-d context (tens of MB) comes from the system page
+    by page, which cost several times the copy into it; a buffer of the pool is taken only when
+    nothing else holds it: every tensor made from it, and every view of such a tensor, keeps a
+    reference to it, so a batch kept by its consumer is never written over.
+    """
+
+    MAX_BUFFERS = 4
+
+    def __init__(self):
+        self.buffers: list[np.ndarray] = []
+
+    def is_free(self, i: int) -> bool:
+        return sys.getrefcount(self.buffers[i]) == FREE_REFERENCES  # the list's and the call's own
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = math.prod(shape)
+        free = [i for i in range(len(self.buffers)) if self.is_free(i) and self.buffers[i].dtype == dtype]
+        fitting = [i for i in free if self.buffers[i].size >= size]
+        if fitting:
+            return self.buffers[fitting[0]][:size].reshape(shape)
+        if free:
+            del self.buffers[free[0]]  # too small for this batch: replaced by one that fits
+        elif len(self.buffers) >= self.MAX_BUFFERS:
+            return np.empty(shape, dtype)  # the consumer holds every buffer: memory of its own, not kept
+        self.buffers.append(np.empty(size, dtype))
+        return self.buffers[-1][:size].reshape(shape)
+
+
+FREE_REFERENCES = 2
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+def batch_of(inputs: dict[str, torch.Tensor], lengths: torch.Tensor, labels: list[int], clip_ids: list[str]) -> dict:
+    """A batch: the padded inputs by name, `mask` True on each row's real steps, labels and clip ids."""
+    steps = next(iter(inputs.values())).shape[1]
+    return dict(inputs, mask=torch.arange(steps)[None, :] < lengths[:, None], label=torch.tensor(labels),
+                clip_id=clip_ids)
+
+
+def collate(items: list[ClipSteps] | dict) -> dict:
+    """Left-aligned padding to the longest clip, one float32 tensor per input the items have (a
+    batch already gathered from packed steps passes through)."""
+    if isinstance(items, dict):
+        return items
     lengths = torch.tensor([len(item) for item in items])
     steps = int(lengths.max())
-    batch = {name: padded([item.inputs[name] for item in items], steps) for name in items[0].inputs}
-    batch.update(
-        mask=torch.arange(steps)[None, :] < lengths[:, None],
-        label=torch.tensor([item.label for item in items]),
-        clip_id=[item.clip_id for item in items],
-    )
-    return batch
+    inputs = {name: padded([item.inputs[name] for item in items], steps) for name in items[0].inputs}
+    return batch_of(inputs, lengths, [item.label for item in items], [item.clip_id for item in items])
 
 
 def padded(arrays: list[np.ndarray], steps: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from features.reader import FeatureSet, open_features
 from features.schema import MAX_CONTEXT_DIM, are_distinct_names, comparable, is_int
 from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
 from train.config import TRAINABLE_MODELS, UNLABELLED, TrainConfig
-from train.data import ClipDataset, make_loader, should_preload
+from train.data import ClipDataset, make_loader, preloaded
 from train.layout import (
     CHECKPOINT, COMPLETE_MARK, CONFIG_FILE, CONFUSION_FILE, ENSEMBLE_FILE, EPOCHS_FILE, EVAL_PREFIX, FEATURES_FILE,
     METRICS_FILE, PREDICTIONS_FILE, RUN_FILES, evaluation_folder,
@@ -78,8 +78,14 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
 
 
 def model_inputs(model: nn.Module, batch: dict, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """What `model(inputs, mask)` takes from a collated batch, on `device`: the arrays it declares, and the mask."""
-    return {name: batch[name].to(device) for name in model.inputs}, batch["mask"].to(device)
+    """What `model(inputs, mask)` takes from a collated batch, on `device`: the arrays it declares, and the mask.
+
+    Inputs keep their dtype on the way (float16 context is half the bytes to copy); each model
+    computes in its weights' dtype from there. From page-locked memory the copies run
+    asynchronously.
+    """
+    return ({name: batch[name].to(device, non_blocking=True) for name in model.inputs},
+            batch["mask"].to(device, non_blocking=True))
 
 
 @torch.inference_mode()
@@ -209,17 +215,18 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     check_comparable(train_set.attrs, val_set.attrs, f"the {config.val_split} features")
     classes = list(train_set.attrs["classes"])
     model = build_model(config.model, context_dim=int(train_set.attrs["context_dim"]), num_classes=len(classes))
-    train_data = ClipDataset(train_set, classes, train=True, inputs=model.inputs,
-                             preload=should_preload(train_set, config.preload, model.inputs))
+    pin = device.type == "cuda" and config.num_workers == 0
+    train_data = ClipDataset(train_set, classes, train=True, inputs=model.inputs, pin_memory=pin)
     if all(label == UNLABELLED for label in train_data.labels):
         raise TrainError(f"the {config.train_split} features have no labels to learn from")
-    val_data = ClipDataset(val_set, classes, train=False, inputs=model.inputs,
-                           preload=should_preload(val_set, config.preload, model.inputs))
+    val_data = ClipDataset(val_set, classes, train=False, inputs=model.inputs, pin_memory=pin)
     if all(label == UNLABELLED for label in val_data.labels):
         raise TrainError(f"the {config.val_split} features have no labels: choose a labelled --val-split")
+    for data, split in ((train_data, config.train_split), (val_data, config.val_split)):
+        data.steps = preloaded(data.features, config.preload, model.inputs, split, log)
     logger.info("device %s, training in %s; %d %s clips and %d %s clips, preloaded: %s / %s", device, config.precision,
-                len(train_data), config.train_split, len(val_data), config.val_split, train_data.cache is not None,
-                val_data.cache is not None)
+                len(train_data), config.train_split, len(val_data), config.val_split, train_data.steps is not None,
+                val_data.steps is not None)
     train_loader = make_loader(train_data, config.batch_size, config.num_workers, config.seed, shuffle=True)
     val_loader = make_loader(val_data, config.batch_size, config.num_workers, config.seed, shuffle=False)
 

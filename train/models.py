@@ -9,8 +9,9 @@ first (left-aligned), at least one per row. Inputs a model does not declare are 
 the shards, and given to it they are refused (a caller's bug). The CACA models also give their
 attention, through `forward_with_attention`. For the RNNs, padding never reaches a result:
 LSTMs run on packed sequences, the cascade's step loop keeps each row's output from its last
-valid step on, attention gives padded steps weight 0, and padded inputs are zeroed before
-anything touches them (so a discarded step cannot turn into inf/NaN gradients).
+valid step on, attention gives padded steps weight 0, and the encoders compute valid steps
+only, leaving zeros on padding (so a padded input, whatever it holds, never reaches a result
+or a gradient).
 
 How this code reads the paper (Sun et al., MEC 2017, sections III-D, IV, V-C), written
 here once:
@@ -134,6 +135,22 @@ def stream_encoder(input_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(input_dim, ENCODED_DIM), nn.ReLU(), nn.Dropout(ENCODER_DROPOUT))
 
 
+def encoded_steps(encoder: nn.Sequential, steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`encoder` over a stream's valid steps only, (B, T, 128) with zeros on padding.
+
+    Padded steps are often half of a batch's rows, and the context encoder's 25088-d rows are
+    most of a model's arithmetic, so they are never computed (nor read: a NaN there cannot
+    reach a gradient). Dropout runs over the whole (B, T, 128), so it draws the same random
+    numbers whatever the padding. Steps come in any float dtype (float16 as stored) and are
+    computed in the encoder's.
+    """
+    linear, relu, dropout = encoder
+    rows = relu(linear(steps[mask].to(linear.weight.dtype)))
+    out = rows.new_zeros((*mask.shape, rows.shape[1]))
+    out[mask] = rows
+    return dropout(out)
+
+
 def attention_weights(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Luong's dot attention of `query` (B, H) over `keys` (B, T, H): softmax over the valid steps, (B, T)."""
     scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2)
@@ -154,9 +171,7 @@ class EmotionRNN(nn.Module):
         """The encoded streams this model uses, by name, and the rows' lengths."""
         check_input_names(self, inputs)
         lengths = checked_lengths(mask, inputs, self.dims)
-        valid = mask.unsqueeze(2)
-        encoded = {stream: encoder(inputs[stream].masked_fill(~valid, 0.0))
-                   for stream, encoder in self.encoders.items()}
+        encoded = {stream: encoded_steps(encoder, inputs[stream], mask) for stream, encoder in self.encoders.items()}
         return encoded, lengths
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -280,7 +295,7 @@ class SpatiotemporalCNN(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         check_input_names(self, inputs)
-        face_map = inputs["face_map"]
+        face_map = inputs["face_map"].to(self.classifier.weight.dtype)  # float16 as stored, or float32
         if face_map.dim() != 5 or face_map.shape[2:] != FACE_MAP_SHAPE:
             raise ValueError(f"c3d needs face_map (batch, steps, {', '.join(map(str, FACE_MAP_SHAPE))}), got "
                              f"{tuple(face_map.shape)}")

@@ -1,0 +1,254 @@
+"""Preloaded steps (train/packed.py): batches gathered from the packed arrays are today's collated
+batches bit for bit, and the steps cache on disk is made once, shared, checked and disposable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from features.labels import CHEAVD_CLASSES
+from features.reader import open_features, write_index
+from features.schema import shard_name
+from features.writer import ShardWriter
+from outputs import TEMP_SUFFIX
+from tests.feature_files import clip_of, extractor_attrs
+from train.data import STEP_INPUTS, ClipDataset, make_loader, preloaded
+from train.packed import CACHE_ENV, cache_key, cached_steps, packed_in_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIPS_PER_SHARD = 13
+
+
+def varied_clip(i: int, rng: np.random.Generator):
+    """Lengths 1-30, some frames without a face, every fifth clip without any, every seventh unlabelled."""
+    frames = int(rng.integers(1, 31))
+    has_face = rng.random(frames) > 0.3
+    if i % 5 == 0:
+        has_face[:] = False
+    elif not has_face.any():
+        has_face[0] = True
+    face = rng.normal(0, 1, (frames, 128)).astype(np.float32)
+    context = rng.normal(0, 1, (frames, 48)).astype(np.float32)
+    clip = clip_of(f"train/{i:03d}", CHEAVD_CLASSES[i % 4], has_face, face, context)
+    return dataclasses.replace(clip, label="") if i % 7 == 0 else clip
+
+
+@pytest.fixture(scope="module")
+def varied_split(tmp_path_factory) -> Path:
+    """One split of 40 clips over 4 shards, float16 context as extract stores it."""
+    folder = tmp_path_factory.mktemp("varied") / "train"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    attrs = extractor_attrs(split="train", context_dim=48)
+    for first in range(0, 40, CLIPS_PER_SHARD):
+        with ShardWriter(folder / shard_name(first // CLIPS_PER_SHARD), attrs) as writer:
+            for i in range(first, min(first + CLIPS_PER_SHARD, 40)):
+                writer.add_clip(varied_clip(i, rng))
+    write_index(folder)
+    return folder
+
+
+def batches(folder: Path, packed: bool, train: bool, workers: int) -> list[dict]:
+    with open_features(folder) as features:
+        steps = packed_in_memory(features, STEP_INPUTS) if packed else None
+        dataset = ClipDataset(features, list(features.attrs["classes"]), train=train, inputs=STEP_INPUTS, steps=steps)
+        torch.manual_seed(11)  # the random starts of training come from torch's generator
+        return list(make_loader(dataset, batch_size=8, num_workers=workers, seed=4, shuffle=train))
+
+
+@pytest.mark.parametrize("train, workers", [(True, 0), (False, 0), (True, 2)])
+def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train, workers):
+    collated = batches(varied_split, packed=False, train=train, workers=workers)
+    gathered = batches(varied_split, packed=True, train=train, workers=workers)
+    assert len(collated) == len(gathered) == 5
+    starts_differ = False
+    for old, new in zip(collated, gathered):
+        assert new["clip_id"] == old["clip_id"]
+        assert torch.equal(new["mask"], old["mask"]) and torch.equal(new["label"], old["label"])
+        for name in STEP_INPUTS:
+            # Stored dtypes travel (float16 context and maps); as float32 they are collate's values.
+            assert new[name].dtype == (torch.float32 if name == "face" else torch.float16), name
+            assert new[name].shape == old[name].shape and torch.equal(new[name].float(), old[name]), name
+        starts_differ |= bool((~old["mask"][:, -1]).any())
+    assert starts_differ  # padding was there to compare
+    assert any_unlabelled(collated) and any_faceless_step(collated)
+
+
+def any_unlabelled(batch_list: list[dict]) -> bool:
+    return any(bool((batch["label"] == -1).any()) for batch in batch_list)
+
+
+def any_faceless_step(batch_list: list[dict]) -> bool:
+    return any(bool((batch["face"].abs().sum(dim=2) == 0).any()) for batch in batch_list)
+
+
+def test_batch_memory_is_used_again_only_once_no_batch_or_view_of_one_holds_it(varied_split):
+    with open_features(varied_split) as features:
+        dataset = ClipDataset(features, list(features.attrs["classes"]), train=False, inputs=("context",),
+                              steps=packed_in_memory(features, ("context",)))
+        clips, starts = list(range(8)), np.zeros(8, np.int64)
+        first = dataset.gather(clips, starts)["context"]
+        address, kept = first.data_ptr(), first[2:4]
+        expected = kept.clone()
+        del first
+        second = dataset.gather(list(range(8, 16)), starts)["context"]
+        assert second.data_ptr() != address and torch.equal(kept, expected)  # the view still holds the first
+        del kept, second
+        third = dataset.gather(clips, starts)["context"]
+        assert third.data_ptr() == address  # nothing holds it: used again, with this batch's values
+        assert torch.equal(third, batches(varied_split, packed=False, train=False, workers=0)[0]["context"].half())
+
+
+def test_the_cache_is_made_once_then_mapped_and_travels_to_workers_as_its_folder(varied_split, tmp_path):
+    with open_features(varied_split) as features:
+        first, written = cached_steps(features, ("face", "context"), tmp_path)
+        assert written == ["offsets", "face", "context"]
+        stamps = {path.name: path.stat().st_mtime_ns for path in first.folder.iterdir()}
+        again, written = cached_steps(features, ("context", "face_map"), tmp_path)
+        assert written == ["face_map"]  # offsets and context reused, the new input added
+        assert all(first.folder.joinpath(name).stat().st_mtime_ns == stamp for name, stamp in stamps.items()
+                   if name.endswith(".npy"))
+        memory = packed_in_memory(features, STEP_INPUTS)
+    assert isinstance(again.arrays["context"], np.memmap) and not again.arrays["context"].flags.writeable
+    assert np.array_equal(again.offsets, memory.offsets)
+    for name in ("context", "face_map"):
+        assert again.arrays[name].dtype == memory.arrays[name].dtype == np.float16
+        assert np.array_equal(again.arrays[name], memory.arrays[name])
+    shipped = pickle.dumps(again)
+    assert len(shipped) < 2000  # the folder's name, not the arrays
+    back = pickle.loads(shipped)
+    assert np.array_equal(back.arrays["face_map"], memory.arrays["face_map"])
+    assert np.array_equal(back.lengths, memory.lengths)
+
+
+def test_replaced_shards_get_a_new_cache_folder(varied_split, tmp_path):
+    with open_features(varied_split) as features:
+        before = cache_key(features)
+        shard = features.shards[0].path
+        stat = shard.stat()
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        try:
+            assert cache_key(features) != before
+        finally:
+            os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert cache_key(features) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other shape", "a pickle", "a leftover temporary file"])
+def test_a_damaged_cache_is_rebuilt_and_never_unpickled(varied_split, tmp_path, damage):
+    with open_features(varied_split) as features:
+        good, _ = cached_steps(features, ("face",), tmp_path)
+        expected = np.array(good.arrays["face"])
+        face = good.folder / "face.npy"
+        del good
+        if damage == "truncated":
+            face.write_bytes(face.read_bytes()[:1000])
+        elif damage == "other shape":
+            np.save(face, np.zeros((3, 128), np.float32))
+        elif damage == "a pickle":
+            with open(face, "wb") as file:
+                np.save(file, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        else:
+            face.parent.joinpath(f".face.npy.x{TEMP_SUFFIX}").write_bytes(b"half")
+        steps, written = cached_steps(features, ("face",), tmp_path)
+    assert written == ([] if damage == "a leftover temporary file" else ["face"])
+    assert np.array_equal(steps.arrays["face"], expected)
+    assert not [path for path in steps.folder.iterdir() if path.name.endswith(TEMP_SUFFIX)]
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_memory_and_says_so(varied_split, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache would go")
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "steps"))
+    lines = []
+    with open_features(varied_split) as features:
+        steps = preloaded(features, "always", ("face",), "train", log=lines.append)
+        assert steps.folder is None and np.array_equal(steps.offsets, packed_in_memory(features, ("face",)).offsets)
+        monkeypatch.setattr("train.data.fits_in_memory", lambda features, inputs: False)
+        assert preloaded(features, "auto", ("face",), "train", log=lines.append) is None
+    assert len(lines) == 2 and all(f"${CACHE_ENV}" in line and str(blocker / "steps") in line for line in lines)
+    assert "packed in memory" in lines[0] and "read from the shards every epoch" in lines[1]
+
+
+BUILD = """
+import sys
+from features.reader import open_features
+from train.packed import cached_steps
+from pathlib import Path
+with open_features(sys.argv[1]) as features:
+    steps, written = cached_steps(features, ("face", "context"), Path(sys.argv[2]))
+    print(",".join(written), steps.arrays["context"].filename)
+"""
+
+
+def test_jobs_starting_together_build_the_cache_once_and_map_the_same_file(varied_split, tmp_path):
+    jobs = [subprocess.Popen([sys.executable, "-c", BUILD, str(varied_split), str(tmp_path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [job.communicate(timeout=120)[0].split() for job in jobs]
+    assert all(job.returncode == 0 for job in jobs)
+    built = [words[0] for words in outputs if len(words) == 2]
+    assert built == ["offsets,face,context"]  # one job wrote, the others waited and mapped
+    assert len({words[-1] for words in outputs}) == 1
+
+
+MAP_AND_WAIT = """
+import sys
+from pathlib import Path
+import numpy as np
+from features.reader import open_features
+from train.packed import cached_steps
+with open_features(sys.argv[1]) as features:
+    steps, _ = cached_steps(features, ("context",), Path(sys.argv[2]))
+context = steps.arrays["context"]
+print(context.filename, float(context.astype(np.float64).sum()), flush=True)  # every page read
+sys.stdin.read()  # held until the test has looked
+"""
+
+
+def mapped_bytes(pid: int, path: str) -> tuple[int, int]:
+    """(Rss, Pss) of `path`'s mappings in process `pid`, from /proc/PID/smaps."""
+    rss = pss = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = fields[-1] == path
+        elif inside and fields[0] in ("Rss:", "Pss:"):
+            value = int(fields[1]) * 1024
+            rss, pss = (rss + value, pss) if fields[0] == "Rss:" else (rss, pss + value)
+    return rss, pss
+
+
+def test_two_jobs_on_one_split_hold_one_copy_of_its_steps_between_them(tmp_path):
+    """What `compare --jobs 2` relies on: each of two processes reads every step of the mapped cache,
+    and the machine holds those pages once (each process is charged half: proportional set size)."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    with ShardWriter(folder / shard_name(0), extractor_attrs(split="train", context_dim=25088)) as writer:
+        for i in range(16):
+            context = np.maximum(rng.normal(0, 1, (16, 25088)), 0).astype(np.float32)
+            writer.add_clip(clip_of(f"train/{i:02d}", "happy", np.ones(16, bool), np.ones((16, 128), np.float32),
+                                    context))
+    write_index(folder)
+    jobs = [subprocess.Popen([sys.executable, "-c", MAP_AND_WAIT, str(folder), str(tmp_path / "cache")], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        lines = [job.stdout.readline().split() for job in jobs]
+        figures = [mapped_bytes(job.pid, lines[0][0]) for job in jobs]
+    finally:
+        for job in jobs:
+            job.communicate("", timeout=60)
+    assert lines[0] == lines[1]  # the same file, the same values
+    size = Path(lines[0][0]).stat().st_size
+    assert size > 16 * 16 * 25088 * 2
+    assert all(rss > 0.95 * size for rss, _ in figures)  # each job reads every page of it...
+    assert sum(pss for _, pss in figures) < 1.05 * size  # ...and the two together hold one copy

@@ -1,0 +1,242 @@
+"""Preloaded steps: every clip's steps of a split in one contiguous array per input, for batches
+gathered at memory speed.
+
+Clip i of the split (in `FeatureSet.clip_ids` order) is rows `offsets[i]:offsets[i + 1]` of each
+array, its steps under `train.data`'s faceless-frame policy, in the stored dtypes (face float32,
+context and face maps as the shards hold them, float16 by default): a batch is a few contiguous
+copies per input, with no per-clip objects to walk and no float32 copy of the context kept.
+
+The arrays live in a cache on disk, one folder per split, made once by one read of the shards
+and then memory-mapped read-only: every process training on the split (`compare --jobs N`, or
+several `train` commands on one machine) maps the same pages, so the machine holds one copy, and
+a later run of the same split starts without reading the shards again. The folder is named by a
+hash of the shards' paths, sizes and modification times, so replaced shards make a new one; each
+input is its own file, made the first time a model needs it. The cache is disposable: delete
+any of it at any time. Where it cannot be written (a read-only or full disk), the arrays are
+packed in memory instead.
+
+Nothing in the cache is trusted beyond its shapes: files are loaded without pickles, checked
+against the split they claim to hold, and rebuilt when they do not fit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from features.reader import FeatureSet, absolute
+from features.schema import shard_frame_arrays
+from outputs import is_temporary, user_cache, write_atomically
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "CACA_STEPS_DIR"
+# Bump when the layout or the choice of a clip's steps changes: older folders are then never read.
+CACHE_VERSION = 1
+OFFSETS_FILE = "offsets.npy"
+SOURCE_FILE = "source.json"
+LOCK_FILE = "lock"
+
+
+def steps_cache_dir() -> Path:
+    """$CACA_STEPS_DIR, else ~/.cache/caca-rnn/steps."""
+    return user_cache("steps", CACHE_ENV)
+
+
+def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
+    """Which frames are a clip's steps: its frames with a face, all of them when none has one
+    (the policy in `train/data.py`'s notes)."""
+    return has_face if has_face.any() else np.ones(len(has_face), bool)
+
+
+@dataclass
+class PackedSteps:
+    """Every clip's steps of some inputs: clip i is rows offsets[i]:offsets[i + 1] of each array."""
+
+    offsets: np.ndarray  # int64, one more than the clips, from 0
+    arrays: dict[str, np.ndarray]  # input name -> (all steps, ...) in the stored dtype
+    folder: Path | None = None  # the cache folder the arrays are mapped from; None: in memory
+    lengths: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.lengths = np.diff(self.offsets)
+
+    def __getstate__(self) -> dict:
+        """Mapped arrays travel to spawned workers as their folder, never as a copy of their pages."""
+        if self.folder is None:
+            return self.__dict__
+        return dict(self.__dict__, offsets=None, arrays=list(self.arrays), lengths=None)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.folder is not None:
+            self.offsets = np.load(self.folder / OFFSETS_FILE, allow_pickle=False)
+            self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                           for name in state["arrays"]}
+            self.__post_init__()
+
+
+def step_offsets(features: FeatureSet) -> np.ndarray:
+    """Where each clip's steps start in the packed arrays (has_face only: one byte per frame)."""
+    counts = []
+    for number, shard in enumerate(features.shards):
+        has_face = features.read_shard(number, ("has_face",))["has_face"]
+        for start, length in zip(shard.table["start"], shard.table["length"]):
+            counts.append(int(step_frames_mask(has_face[start: start + length]).sum()))
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+
+def fill_steps(features: FeatureSet, name: str, offsets: np.ndarray, out: np.ndarray) -> None:
+    """Write every clip's steps of `name` into `out`: one whole read of the array per shard."""
+    clip = 0
+    for number, shard in enumerate(features.shards):
+        whole = features.read_shard(number, ("has_face", name))
+        for start, length in zip(shard.table["start"], shard.table["length"]):
+            keep = step_frames_mask(whole["has_face"][start: start + length])
+            out[offsets[clip]: offsets[clip + 1]] = whole[name][start: start + length][keep]
+            clip += 1
+
+
+def input_layout(features: FeatureSet, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """The stored dtype of input `name` and the shape of one of its steps."""
+    return shard_frame_arrays(features.attrs)[name]
+
+
+def packed_in_memory(features: FeatureSet, inputs: tuple[str, ...]) -> PackedSteps:
+    offsets = step_offsets(features)
+    arrays = {}
+    for name in inputs:
+        dtype, tail = input_layout(features, name)
+        arrays[name] = np.empty((int(offsets[-1]), *tail), dtype)
+        fill_steps(features, name, offsets, arrays[name])
+    return PackedSteps(offsets, arrays)
+
+
+def cache_key(features: FeatureSet) -> str:
+    """Names a split's cache folder: the shards' absolute paths, sizes and modification times."""
+    shards = []
+    for shard in features.shards:
+        stat = os.stat(shard.path)
+        shards.append([str(absolute(shard.path)), stat.st_size, stat.st_mtime_ns])
+    text = json.dumps({"version": CACHE_VERSION, "shards": shards})
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (made if missing): one process builds, the others then read."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def mapped(path: Path, fits: Callable[[np.ndarray], bool]) -> np.ndarray | None:
+    """The .npy file at `path` memory-mapped read-only, or None when it is missing or does not fit."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return array if isinstance(array, np.ndarray) and fits(array) else None
+
+
+def offsets_fit(features: FeatureSet) -> Callable[[np.ndarray], bool]:
+    def fits(offsets: np.ndarray) -> bool:
+        return (offsets.dtype == np.int64 and offsets.shape == (len(features) + 1,) and offsets[0] == 0
+                and bool(np.all(np.diff(offsets) >= 0)))
+    return fits
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:  # np.save given a name would add ".npy" to the temporary one
+        np.save(file, array)
+
+
+def cached_array(folder: Path, name: str, dtype: np.dtype, shape: tuple[int, ...],
+                 fill: Callable[[np.ndarray], None]) -> tuple[np.ndarray, bool]:
+    """The cache's `name` array, written first (whole, then renamed into place) unless a fitting one
+    is there; and whether it was written now."""
+    path = folder / f"{name}.npy"
+    array = mapped(path, lambda found: found.dtype == dtype and found.shape == shape)
+    if array is not None:
+        return array, False
+
+    def write(temporary: Path) -> None:
+        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
+        fill(out)
+        out.flush()
+        del out
+
+    write_atomically(path, write)
+    return np.load(path, mmap_mode="r", allow_pickle=False), True
+
+
+def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> tuple[PackedSteps, list[str]]:
+    """The split's packed steps of `inputs` from the cache in `root` (made where missing), and the
+    inputs written now. OSError when the cache cannot be read or written."""
+    folder = root / cache_key(features)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with locked(folder / LOCK_FILE):
+        remove_leftovers(folder)
+        offsets = mapped(folder / OFFSETS_FILE, offsets_fit(features))
+        if offsets is None:
+            computed = step_offsets(features)
+            write_atomically(folder / OFFSETS_FILE, lambda tmp: save_npy(tmp, computed))
+            offsets = np.load(folder / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
+            written.append("offsets")
+        arrays = {}
+        for name in inputs:
+            dtype, tail = input_layout(features, name)
+            arrays[name], new = cached_array(folder, name, dtype, (int(offsets[-1]), *tail),
+                                             lambda out, name=name: fill_steps(features, name, offsets, out))
+            written += [name] if new else []
+        if written:
+            source = {"shards": [str(absolute(shard.path)) for shard in features.shards], "clips": len(features)}
+            write_atomically(folder / SOURCE_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=1)))
+    return PackedSteps(np.array(offsets), arrays, folder), written
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Temporary files of a build that was killed (the lock is held, so no build is under way)."""
+    for path in folder.iterdir():
+        if is_temporary(path.name):
+            path.unlink(missing_ok=True)
+
+
+def cache_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.npy"))
+
+
+def preload_steps(features: FeatureSet, inputs: tuple[str, ...], what: str, log: Callable[[str], None],
+                  fallback: bool = True) -> PackedSteps | None:
+    """The split's steps of `inputs` from the shared cache; where it cannot be used, packed in
+    memory (`fallback`) or None (read the shards). Says through `log` when it writes the cache or
+    cannot use it."""
+    root = steps_cache_dir()
+    started = time.perf_counter()
+    try:
+        steps, written = cached_steps(features, inputs, root)
+    except OSError as exc:
+        instead = "packed in memory" if fallback else "read from the shards every epoch (it would not fit in memory)"
+        log(f"the steps cache in {root} could not be used ({exc.strerror or exc}): the {what} steps are {instead}"
+            f" (set ${CACHE_ENV} to a folder on a disk with room)")
+        return packed_in_memory(features, inputs) if fallback else None
+    if written:
+        log(f"cached the {what} steps ({', '.join(written)}) in {steps.folder} in {time.perf_counter() - started:.0f} s"
+            f" ({cache_bytes(steps.folder) / 1e9:.2f} GB; later runs of these shards map it; delete it any time)")
+    else:
+        logger.info("%s steps mapped from %s", what, steps.folder)
+    return steps
