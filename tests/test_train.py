@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from features.tools import inspect, merge, repack
 from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, preloaded
 from train.packed import packed_in_memory
 from train.config import TrainConfig
-from train.loop import MixedPrecision, TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
+from train.loop import MixedPrecision, TimedLoader, TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
 from tests.cli_runs import one_line_error, run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
@@ -157,8 +158,24 @@ def test_a_run_folder_holds_config_attrs_epochs_checkpoint_and_metrics(caca_run,
         assert json.loads((caca_run / "features.json").read_text()) == json.loads(json.dumps(features.attrs))
     epochs = pd.read_csv(caca_run / "epochs.csv")
     assert list(epochs.epoch) == list(range(1, FAST["epochs"] + 1))
+    assert ((0 < epochs.data_seconds) & (epochs.data_seconds < epochs.seconds)).all()
     metrics = json.loads((caca_run / "metrics.json").read_text())
     assert metrics["map"] == pytest.approx(epochs.val_map.max(), abs=1e-6)
+
+
+def test_waiting_for_data_is_the_time_spent_in_the_loader():
+    class SlowLoader:
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for batch in range(3):
+                time.sleep(0.05)
+                yield batch
+
+    timed = TimedLoader(SlowLoader())
+    assert len(timed) == 3 and list(timed) == [0, 1, 2]
+    assert timed.waiting >= 0.15
 
 
 def test_best_pt_holds_the_epoch_with_the_best_validation_map(caca_run):

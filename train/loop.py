@@ -138,14 +138,33 @@ def training_precision(device: torch.device, precision: str) -> MixedPrecision:
     return MixedPrecision(device, precision)
 
 
+class TimedLoader:
+    """A loader that counts the seconds its consumer spends waiting for each next batch."""
+
+    def __init__(self, loader):
+        self.loader, self.waiting = loader, 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            tick = time.perf_counter()
+            batch = next(batches, None)
+            self.waiting += time.perf_counter() - tick
+            if batch is None:
+                return
+            yield batch
+
+
 def _train_epoch(model, loader, optimiser, loss_fn, device, bar: tqdm,
                  precision: MixedPrecision) -> tuple[float, float]:
     """One epoch; returns (mean loss, seconds spent waiting for data)."""
     model.train()
-    total, count, waiting = 0.0, 0, 0.0
-    tick = time.perf_counter()
-    for batch in loader:
-        waiting += time.perf_counter() - tick
+    total, count = 0.0, 0
+    timed = TimedLoader(loader)
+    for batch in timed:
         with precision.forward():
             logits = model(*model_inputs(model, batch, device))
             loss = loss_fn(logits, batch["label"].to(device))
@@ -154,8 +173,7 @@ def _train_epoch(model, loader, optimiser, loss_fn, device, bar: tqdm,
         count += len(batch["label"])
         bar.set_postfix(loss=f"{total / count:.4f}")
         bar.update()
-        tick = time.perf_counter()
-    return total / count, waiting
+    return total / count, timed.waiting
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -253,7 +271,9 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
                 loss, waiting = _train_epoch(model, train_loader, optimiser, loss_fn, device, bar, precision)
                 # Validation computes in float32 whatever the training precision, as `evaluate` and
                 # `predict` do: the weights are float32, so a run's scores are its checkpoint's anywhere.
-                _, labels, probabilities = predict(model, val_loader, device)
+                validation = TimedLoader(val_loader)
+                _, labels, probabilities = predict(model, validation, device)
+                waiting += validation.waiting
                 metrics = labelled_metrics(labels, probabilities, classes)
                 bar.set_postfix(loss=f"{loss:.4f}", val_map=f"{metrics.map:.4f}")
             seconds = time.perf_counter() - started
