@@ -11,11 +11,15 @@ face, SqueezeNet-sized 25088-d context (non-negative like pooled ReLU maps, half
 float16 in gzip shards of 64 clips, as `extract` writes them. Labels are drawn with LABEL_SHARES.
 
 Each model trains in a fresh process through `train.loop.train_model` itself (the paper's
-settings: Adam, lr 1e-4, batch 32; preloaded), for `--epochs` epochs; the epoch shown is the
-fastest one in its epochs.csv (train + val, with the train epoch's waiting for data). Start-up
-is the rest of that process's training call: reading and preloading the shards, building the
-model, writing the checkpoints. Peak memory is the process's peak RSS (and on a GPU torch's
-peak allocation). The encoder floor is timed in the same run, in its own process.
+settings: Adam, lr 1e-4, batch 32; preloaded; `--precision`), for `--epochs` epochs; the epoch
+shown is the fastest one in its epochs.csv (train + val, with its waiting for data in both).
+Before training, the process makes the steps cache of the model's inputs in a new folder
+("cache made": what a first run on the shards pays once); start-up is then the rest of the
+training call (mapping the cache, building the model, writing the checkpoints), what every later
+run pays. Peak memory is the process's peak RSS (and on a GPU torch's peak allocation). The
+encoder floor is timed in the same run, in its own process. Last, `compare --jobs 2` training two
+seeds of `--jobs-model` at once is set against one `train` of it: the peak proportional set size
+of each command's process tree (pages the jobs share, the mapped cache, count once).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -36,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from extract.settings import DEFAULT_FPS, ExtractSettings  # noqa: E402
+from extract.settings import DEFAULT_FPS, PRECISIONS, ExtractSettings  # noqa: E402
 from features.labels import CHEAVD_CLASSES  # noqa: E402
 from features.reader import open_features, write_index  # noqa: E402
 from features.schema import FACE_DIM, ClipFeatures, shard_name  # noqa: E402
@@ -64,6 +69,7 @@ PROTOCOL_EPOCHS = TrainConfig.epochs
 FLOOR_MULTIPLE_TARGET = 4.0
 PROTOCOL_HOURS_TARGET = 3.0
 DATA_SHARE_TARGET = 0.05
+JOBS_MEMORY_TARGET = 1.3
 FLOOR_MODEL = "caca"
 
 
@@ -134,39 +140,56 @@ def read_once_seconds(root: Path, inputs: tuple[str, ...]) -> float:
 class ModelFigures:
     model: str
     epoch: float  # seconds, train + val, the fastest epoch
-    data: float  # seconds of that epoch's train part spent waiting for data
-    startup: float  # seconds of the training call outside its epochs
+    data: float  # seconds of that epoch (train and val) spent waiting for data
+    startup: float  # seconds of the training call outside its epochs, the steps cache made already
     read_once: float  # seconds to read the model's arrays from the shards once
     peak_rss: float  # bytes
     peak_gpu: float | None  # bytes
+    cache_made: float  # seconds to make the steps cache of the model's inputs (train and val) from nothing
 
 
 def peak_rss_bytes() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
 
 
-def measure_model(model: str, root: str, epochs: int, device: str | None) -> ModelFigures:
-    """Train `model` through `train_model` in this (fresh) process and read its epochs.csv."""
+def cached_steps_of(root: Path, inputs: tuple[str, ...], cache: Path) -> float:
+    """Seconds to make (or find) the steps cache of `inputs` for both splits in `cache`."""
+    from train.packed import cached_steps
+
+    started = time.perf_counter()
+    for split in SPLITS:
+        with open_features(root / split) as features:
+            cached_steps(features, inputs, cache)
+    return time.perf_counter() - started
+
+
+def measure_model(model: str, root: str, epochs: int, device: str | None,
+                  precision: str = TrainConfig.precision) -> ModelFigures:
+    """Make the model's steps cache in a new folder, then train `model` through `train_model` in
+    this (fresh) process and read its epochs.csv."""
     import csv
 
     import torch
 
     from train.layout import EPOCHS_FILE
     from train.loop import train_model
+    from train.packed import CACHE_ENV
 
+    inputs = build_inputs(model)
     with tempfile.TemporaryDirectory() as runs:
+        os.environ[CACHE_ENV] = str(Path(runs) / "steps")
+        cache_made = cached_steps_of(Path(root), inputs, Path(runs) / "steps")
         config = TrainConfig(model=model, features=Path(root), out=Path(runs) / model, epochs=epochs,
-                             device=device, preload="always")
+                             device=device, preload="always", precision=precision)
         started = time.perf_counter()
         train_model(config, progress=False, log=lambda _: None)
         wall = time.perf_counter() - started
         with open(config.run_folder / EPOCHS_FILE, newline="") as file:
             rows = [(float(row["seconds"]), float(row["data_seconds"])) for row in csv.DictReader(file)]
     epoch, data = min(rows)
-    inputs = build_inputs(model)
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and device != "cpu" else None
     return ModelFigures(model, epoch, data, wall - sum(seconds for seconds, _ in rows),
-                        read_once_seconds(Path(root), inputs), peak_rss_bytes(), gpu)
+                        read_once_seconds(Path(root), inputs), peak_rss_bytes(), gpu, cache_made)
 
 
 def build_inputs(model: str) -> tuple[str, ...]:
@@ -206,6 +229,78 @@ def encoder_floor(root: str, device: str | None) -> float:
     return time.perf_counter() - started
 
 
+def parent_pids() -> dict[int, int]:
+    """Every process's parent, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path("/proc", entry, "stat").read_text() if entry.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def tree_pss_bytes(root_pid: int) -> int:
+    """The proportional set size of a process and all its descendants: pages shared between them
+    (a memory-mapped steps cache) count once in total, not once per process as RSS counts them."""
+    parents = parent_pids()
+    tree, grown = {root_pid}, True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grown = bool(children)
+    total = 0
+    for pid in tree:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) * 1024
+    return total
+
+
+def peak_memory_of(command: list[str], env: dict) -> float:
+    """Run `command`; the peak, sampled every 0.2 s, of its process tree's proportional set size."""
+    import subprocess
+
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, tree_pss_bytes(process.pid))
+            time.sleep(0.2)
+        if process.returncode != 0:
+            errors.seek(0)
+            sys.exit(f"{' '.join(command)} failed: {errors.read().strip().splitlines()[-1:]}")
+    return peak
+
+
+def jobs_memory(root: Path, device: str | None, model: str) -> tuple[float, float]:
+    """Peak memory (proportional set size of the whole process tree) of one `train` of `model` and of
+    `compare --jobs 2` training two seeds of it at once, one epoch each, the steps cache made first."""
+    from train.packed import CACHE_ENV
+
+    with tempfile.TemporaryDirectory() as work:
+        env = dict(os.environ, **{CACHE_ENV: str(Path(work) / "steps")})
+        cached_steps_of(root, build_inputs(model), Path(work) / "steps")
+        common = ["--features", str(root), "--epochs", "1", "--preload", "always"]
+        common += ["--device", device] if device else []
+        cli = [sys.executable, str(ROOT / "cli.py")]
+        train = [*cli, "train", "--model", model, *common]
+        one = peak_memory_of([*train, "--out", str(Path(work) / "one")], env)
+        two = peak_memory_of([*cli, "compare", "--models", model, "--seeds", "2", "--jobs", "2", *common,
+                              "--out", str(Path(work) / "two")], env)
+    return one, two
+
+
+def print_jobs_memory(model: str, one: float, two: float) -> None:
+    print(f"  memory of `compare --jobs 2` ({model}, two seeds at once) against one `train` of it (peak"
+          f" proportional set size of the process tree): {two / 1e9:.2f} GB vs {one / 1e9:.2f} GB, {two / one:.2f}x"
+          f" (target <= {JOBS_MEMORY_TARGET}x): {verdict(two <= JOBS_MEMORY_TARGET * one)}")
+
+
 def in_fresh_process(function, *args):
     """`function(*args)` in a new process (spawned, so no memory is inherited from this one)."""
     context = multiprocessing.get_context("spawn")
@@ -222,23 +317,26 @@ def print_floor(floor: float, when: str) -> None:
 
 
 def print_header() -> None:
-    print(f"{'model':<9}{'epoch':>9}{'data':>16}{'start-up':>10}{'read once':>11}{'peak RSS':>10}{'peak GPU':>10}")
+    print(f"{'model':<9}{'epoch':>9}{'data':>16}{'cache made':>12}{'start-up':>10}{'read once':>11}{'peak RSS':>10}"
+          f"{'peak GPU':>10}")
 
 
 def print_row(f: ModelFigures) -> None:
     """One model's figures, printed as soon as it is measured, so a run cut short keeps them."""
     gpu = f"{f.peak_gpu / 1e9:.1f} GB" if f.peak_gpu is not None else "-"
-    print(f"{f.model:<9}{f.epoch:>7.1f} s{f.data:>7.2f} s ({f.data / f.epoch:4.0%}){f.startup:>8.1f} s"
-          f"{f.read_once:>9.1f} s{f.peak_rss / 1e9:>7.1f} GB{gpu:>10}", flush=True)
+    print(f"{f.model:<9}{f.epoch:>7.1f} s{f.data:>7.2f} s ({f.data / f.epoch:4.0%}){f.cache_made:>10.1f} s"
+          f"{f.startup:>8.1f} s{f.read_once:>9.1f} s{f.peak_rss / 1e9:>7.1f} GB{gpu:>10}", flush=True)
 
 
 def print_targets(figures: list[ModelFigures], floor: float) -> None:
     print("against the issue's targets:")
     for f in figures:
+        first = f.cache_made + f.startup
         print(f"  {f.model}: waiting for data {f.data / f.epoch:.1%} of the epoch (target <= {DATA_SHARE_TARGET:.0%}):"
-              f" {verdict(f.data <= DATA_SHARE_TARGET * f.epoch)}; start-up {f.startup:.1f} s vs one read of its"
-              f" shards {f.read_once:.1f} s ({f.startup / f.read_once:.1f}x, target <= 1x):"
-              f" {verdict(f.startup <= f.read_once)}")
+              f" {verdict(f.data <= DATA_SHARE_TARGET * f.epoch)}; start-up vs one read of its shards"
+              f" ({f.read_once:.1f} s; target <= 1x): first run, making the steps cache, {first:.1f} s"
+              f" ({first / f.read_once:.1f}x): {verdict(first <= f.read_once)}; later runs, mapping it,"
+              f" {f.startup:.1f} s ({f.startup / f.read_once:.2f}x): {verdict(f.startup <= f.read_once)}")
     by_model = {f.model: f for f in figures}
     if FLOOR_MODEL in by_model:
         multiple = by_model[FLOOR_MODEL].epoch / floor
@@ -246,7 +344,10 @@ def print_targets(figures: list[ModelFigures], floor: float) -> None:
               f" {verdict(multiple <= FLOOR_MULTIPLE_TARGET)}")
     rnns = [by_model[name] for name in MODEL_NAMES if name in by_model]
     if len(rnns) == len(MODEL_NAMES):
-        hours = PROTOCOL_SEEDS * sum(f.startup + PROTOCOL_EPOCHS * f.epoch for f in rnns) / 3600
+        # The steps cache is made once (by the first model of each set of inputs), then mapped.
+        seconds = max(f.cache_made for f in rnns) + PROTOCOL_SEEDS * sum(f.startup + PROTOCOL_EPOCHS * f.epoch
+                                                                          for f in rnns)
+        hours = seconds / 3600
         print(f"  Table I protocol ({len(MODEL_NAMES)} RNNs x {PROTOCOL_SEEDS} seeds x {PROTOCOL_EPOCHS} epochs,"
               f" plus start-ups), one job at a time: {hours:.1f} h (target <= {PROTOCOL_HOURS_TARGET:.0f} h):"
               f" {verdict(hours <= PROTOCOL_HOURS_TARGET)}")
@@ -262,6 +363,10 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present).")
     parser.add_argument("--scale", type=float, default=1.0, help="Fraction of CHEAVD 2.0's clip counts.")
     parser.add_argument("--epochs", type=int, default=3, help="Epochs per model; the fastest is shown.")
+    parser.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                        help="Training precision (train --precision).")
+    parser.add_argument("--jobs-model", default=FLOOR_MODEL, choices=TRAINABLE_MODELS,
+                        help="The model whose memory is measured for `compare --jobs 2` against one job.")
     args = parser.parse_args()
     try:
         models = parse_models(args.models)
@@ -286,11 +391,13 @@ def main() -> None:
     print_header()
     figures = []
     for model in models:
-        figures.append(in_fresh_process(measure_model, model, str(args.features), args.epochs, args.device))
+        figures.append(in_fresh_process(measure_model, model, str(args.features), args.epochs, args.device,
+                                        args.precision))
         print_row(figures[-1])
     # Timed again at the end: a job sharing the machine shows as a difference between the two.
     print_floor(in_fresh_process(encoder_floor, str(args.features), args.device), "after them")
     print_targets(figures, floor)
+    print_jobs_memory(args.jobs_model, *jobs_memory(args.features, args.device, args.jobs_model))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""The paper-scale benchmark's CPU path at a tiny scale: it writes its set, reuses it, and prints every figure.
+"""The CPU paths of the paper-scale benchmark and of the GPU check, at a tiny scale: they write their sets,
+reuse them, and print every figure.
 
-In-process (each model's own process in the real run costs a torch import); timing values are never checked.
+In-process where they can be (each model's own process in the real runs costs a torch import); timing values are
+never checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
-from benchmarks import paper_scale
+from benchmarks import gpu_check, paper_scale
 from features.reader import open_features
 from train.config import MODEL_NAMES
+from train.packed import CACHE_ENV as STEPS_CACHE_ENV
 
 TINY = 0.004  # 20 train and 3 val clips
 
@@ -43,8 +47,9 @@ def test_paper_scale_refuses_a_folder_holding_something_else(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "a user's file"
 
 
-def test_paper_scale_measures_a_model_and_prints_every_figure(tiny_set, capsys):
+def test_paper_scale_measures_a_model_and_prints_every_figure(tiny_set, capsys, monkeypatch, tmp_path):
     root = tiny_set
+    monkeypatch.setenv(STEPS_CACHE_ENV, str(tmp_path / "steps"))  # measure_model points it at a folder of its own
     measured = paper_scale.measure_model("face", str(root), 1, "cpu")
     floor = paper_scale.encoder_floor(str(root), "cpu")
     figures = [dataclasses.replace(measured, model=name) for name in MODEL_NAMES]
@@ -53,11 +58,57 @@ def test_paper_scale_measures_a_model_and_prints_every_figure(tiny_set, capsys):
     for figure in figures:
         paper_scale.print_row(figure)
     paper_scale.print_targets(figures, floor)
+    paper_scale.print_jobs_memory("face", *paper_scale.jobs_memory(root, "cpu", "face"))
     out = capsys.readouterr().out
-    assert "encoder floor" in out and "peak RSS" in out
+    assert "encoder floor" in out and "peak RSS" in out and "cache made" in out
+    assert measured.cache_made > 0 and measured.startup > 0
     for name in MODEL_NAMES:
         assert any(line.startswith(f"{name} ") and line.endswith(" GB         -") for line in out.splitlines())
     for name in MODEL_NAMES:
         assert f"  {name}: waiting for data" in out and "one read of its shards" in out
+        assert "first run, making the steps cache" in out and "later runs, mapping it" in out
     assert "caca epoch =" in out and "the encoder floor" in out
     assert "Table I protocol (6 RNNs x 5 seeds x 30 epochs" in out
+    assert re.search(r"memory of `compare --jobs 2` \(face, two seeds at once\) against one `train` of it .*"
+                     r"[\d.]+ GB vs [\d.]+ GB, [\d.]+x \(target <= 1.3x\): (met|NOT met)", out)
+
+
+def agreement_figures(out: str, run: str) -> dict[str, float]:
+    """The GPU check's agreement line for `run`: has_face alike (a share) and each min / median."""
+    line = next(line for line in out.splitlines() if line.startswith(f"  {run} ") and "has_face" in line)
+    alike, frames = map(int, re.search(r"has_face (\d+)/(\d+) frames alike", line).groups())
+    figures = {"has_face": alike / frames}
+    for name in ("box IoU", "face cosine", "context cosine"):
+        low, median = map(float, re.search(rf"{name} ([\d.]+) / ([\d.]+)", line).groups())
+        figures[f"{name} min"], figures[f"{name} median"] = low, median
+    return figures
+
+
+def test_gpu_check_cpu_path_prints_every_figure_and_cpu_float32_agrees_with_itself(tmp_path, capsys, monkeypatch):
+    """`--device cpu`: the CPU reference against a second CPU float32 extraction (identical features) and against
+    bfloat16, the CPU's 16-bit type in float16's place (close ones); one model's paper-scale epoch, trained in this
+    process rather than a fresh one."""
+    monkeypatch.setattr(gpu_check, "in_fresh_process", lambda function, *args: function(*args))
+    # measure_model points the steps cache at a folder of its own, meant for a fresh process: restored after.
+    monkeypatch.setenv(STEPS_CACHE_ENV, str(tmp_path / "steps"))
+    code = gpu_check.main(["--work", str(tmp_path), "--device", "cpu", "--clips", "2", "--seconds", "0.4",
+                           "--repeats", "1", "--scale", str(TINY), "--epochs", "1", "--models", "face"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"  decoding alone +[\d.]+ sampled frames/s \(4 frames\)", out)
+    speed = r" +[\d.]+ sampled frames/s, [\d.]+x decoding alone's time: limited by (decoding|the networks)"
+    assert re.search(rf"  cpu float32{speed} \(the reference\)", out)
+    for run in ("cpu float32", "cpu bfloat16"):
+        assert re.search(rf"  {run}{speed}; [\d.]+x the reference's speed \(target on a GPU: limited by decoding, at"
+                         r" most 1.25x its time: (met|NOT met)\)", out)
+    assert agreement_figures(out, "cpu float32") == pytest.approx(
+        {"has_face": 1, **{f"{name} {stat}": 1 for name in ("box IoU", "face cosine", "context cosine")
+                           for stat in ("min", "median")}})
+    half = agreement_figures(out, "cpu bfloat16")
+    assert half["has_face"] == 1
+    assert all(0.9 < value <= 1.0 for value in half.values()), half
+    assert "faces in 2 vs 2" in out  # a clip with a face, one without
+    assert re.search(r"  face +epoch +[\d.]+ s, at the paper's scale +[\d.]+ s \(target < 5 s: (met|NOT met)\);"
+                     r" waiting for data [\d.]+ s = [\d.]+% \(target <= 5%: (met|NOT met)\);"
+                     r" GPU memory - \(not a GPU\)", out)
+    assert "failed" not in out
