@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,32 @@ def test_the_cache_is_made_once_then_mapped_and_travels_to_workers_as_its_folder
     back = pickle.loads(shipped)
     assert np.array_equal(back.arrays["face_map"], memory.arrays["face_map"])
     assert np.array_equal(back.lengths, memory.lengths)
+
+
+def wait_for_the_background_sync() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "steps-cache-sync":
+            thread.join(timeout=60)
+
+
+def test_new_cache_files_reach_the_disk_in_the_background_and_are_marked_so(varied_split, tmp_path):
+    with open_features(varied_split) as features:
+        steps, _ = cached_steps(features, ("face", "context"), tmp_path)
+        wait_for_the_background_sync()
+        files = sorted(path.name for path in steps.folder.glob("*.npy"))
+        assert files == ["context.npy", "face.npy", "offsets.npy"]
+        assert sorted(path.name for path in steps.folder.glob("*.synced")) == [f"{name}.synced" for name in files]
+        # Unsynced and older than the machine's start: a crash may have left zeros in it, so it is made again.
+        context = steps.folder / "context.npy"
+        (steps.folder / "context.npy.synced").unlink()
+        os.utime(context, (0, 0))
+        _, written = cached_steps(features, ("face", "context"), tmp_path)
+        assert written == ["context"] and context.stat().st_mtime > 0
+        # Synced, however old: used as it is.
+        wait_for_the_background_sync()
+        os.utime(context, (0, 0))
+        _, written = cached_steps(features, ("face", "context"), tmp_path)
+        assert written == [] and context.stat().st_mtime == 0
 
 
 def test_replaced_shards_get_a_new_cache_folder(varied_split, tmp_path):

@@ -119,7 +119,8 @@ class ClipDataset(Dataset):
         self.arrays = ("has_face", *inputs)
         self.clip_ids = list(features.clip_ids)
         index = {name: i for i, name in enumerate(classes)}
-        self.labels = [UNLABELLED if features.labels[c] is None else index[features.labels[c]] for c in self.clip_ids]
+        labels = features.labels  # built anew at each access: once here, not once per clip
+        self.labels = [UNLABELLED if labels[c] is None else index[labels[c]] for c in self.clip_ids]
         self.train = train
         self.steps = steps
         # Batches gathered straight into page-locked memory copy to a GPU without a staging copy.

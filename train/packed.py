@@ -11,9 +11,12 @@ and then memory-mapped read-only: every process training on the split (`compare 
 several `train` commands on one machine) maps the same pages, so the machine holds one copy, and
 a later run of the same split starts without reading the shards again. The folder is named by a
 hash of the shards' paths, sizes and modification times, so replaced shards make a new one; each
-input is its own file, made the first time a model needs it. The cache is disposable: delete
-any of it at any time. Where it cannot be written (a read-only or full disk), the arrays are
-packed in memory instead.
+input is its own file, made the first time a model needs it. A new file is written to disk in
+the background while training starts (waiting for the disk would double the cost of making it)
+and marked once it is there; a file not so marked is used only in the boot it was written in, and
+made again after a restart, since a crash can leave holes of zeros in it. The cache is
+disposable: delete any of it at any time. Where it cannot be written (a read-only or full disk),
+the arrays are packed in memory instead.
 
 Nothing in the cache is trusted beyond its shapes: files are loaded without pickles, checked
 against the split they claim to hold, and rebuilt when they do not fit.
@@ -26,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +50,10 @@ CACHE_VERSION = 1
 OFFSETS_FILE = "offsets.npy"
 SOURCE_FILE = "source.json"
 LOCK_FILE = "lock"
+SYNCED_SUFFIX = ".synced"
+# A file written this many seconds after the machine's start counts as written since it (/proc/uptime
+# and the clock are read at different instants).
+BOOT_MARGIN = 1.0
 
 
 def steps_cache_dir() -> Path:
@@ -143,8 +151,59 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def synced_marker(path: Path) -> Path:
+    return path.with_name(path.name + SYNCED_SUFFIX)
+
+
+def boot_time() -> float | None:
+    """When the machine started (seconds since the epoch); None where /proc does not say."""
+    try:
+        return time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trusted(path: Path) -> bool:
+    """Whether a cache file holds what was written: it reached the disk (its marker says so), or it
+    was written since the machine started, so that whatever of it is not on disk yet is in memory.
+    A file written before a crash that came before the disk had it can hold zeros in place of
+    steps while keeping its shape; only such a file is refused (and made again)."""
+    if synced_marker(path).exists():
+        return True
+    booted = boot_time()
+    try:
+        return booted is not None and path.stat().st_mtime > booted + BOOT_MARGIN
+    except OSError:
+        return False
+
+
+def sync_in_background(paths: list[Path]) -> None:
+    """Write new cache files to disk while training starts (waiting for it would cost as much as
+    reading the shards), then mark each as synced; a file not marked when the process ends is
+    marked by a later run, or made again after a restart."""
+    def sync() -> None:
+        for path in paths:
+            try:
+                with open(path, "rb") as file:
+                    os.fsync(file.fileno())
+                    if os.fstat(file.fileno()).st_ino == os.stat(path).st_ino:  # still the file the cache names
+                        synced_marker(path).touch()
+            except OSError as exc:
+                logger.debug("steps cache file %s not synced: %s", path, exc)
+        folder = os.open(paths[0].parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    threading.Thread(target=sync, name="steps-cache-sync", daemon=True).start()
+
+
 def mapped(path: Path, fits: Callable[[np.ndarray], bool]) -> np.ndarray | None:
-    """The .npy file at `path` memory-mapped read-only, or None when it is missing or does not fit."""
+    """The .npy file at `path` memory-mapped read-only, or None when it is missing, not trusted or
+    does not fit."""
+    if not trusted(path):
+        return None
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):
@@ -176,9 +235,9 @@ def cached_array(folder: Path, name: str, dtype: np.dtype, shape: tuple[int, ...
     def write(temporary: Path) -> None:
         out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
         fill(out)
-        out.flush()
-        del out
+        del out  # unmapped; the pages reach the disk in sync_in_background
 
+    synced_marker(path).unlink(missing_ok=True)
     write_atomically(path, write)
     return np.load(path, mmap_mode="r", allow_pickle=False), True
 
@@ -194,6 +253,7 @@ def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> t
         offsets = mapped(folder / OFFSETS_FILE, offsets_fit(features))
         if offsets is None:
             computed = step_offsets(features)
+            synced_marker(folder / OFFSETS_FILE).unlink(missing_ok=True)
             write_atomically(folder / OFFSETS_FILE, lambda tmp: save_npy(tmp, computed))
             offsets = np.load(folder / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
             written.append("offsets")
@@ -206,6 +266,7 @@ def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> t
         if written:
             source = {"shards": [str(absolute(shard.path)) for shard in features.shards], "clips": len(features)}
             write_atomically(folder / SOURCE_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=1)))
+            sync_in_background([folder / f"{name}.npy" for name in written])
     return PackedSteps(np.array(offsets), arrays, folder), written
 
 
