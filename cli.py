@@ -18,6 +18,7 @@ from errors import UserError
 from extract.settings import BACKBONES, BACKENDS, PRECISIONS, ExtractSettings
 from features.recipe import CONTEXT_DTYPES
 from outputs import plain_name_problem
+from report.settings import DEFAULT_FRAMES, DEFAULT_SAMPLE
 from train.config import (
     ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PAPER_SEEDS, PRELOAD_CHOICES, TRAINABLE_MODELS, TrainConfig,
 )
@@ -322,6 +323,9 @@ def extract(quiet, **options):
     settings = ExtractSettings(**options)
     summary = extract_split(settings, progress=not quiet, log=lambda line: click.echo(line, err=True))
     click.echo(summary.describe())
+    report = settings.out / "-".join(("report", *settings.folder.relative_to(settings.out).parts))
+    videos = f" --videos {summary.videos}" if summary.videos else ""
+    click.echo(f"see it at a glance: python cli.py features report {settings.folder}{videos} --out {report}", err=True)
     if summary.failures:
         click.echo(f"failed clips are listed in {settings.folder / 'failures.csv'}", err=True)
         sys.exit(EXIT_CLIPS_FAILED)
@@ -329,11 +333,12 @@ def extract(quiet, **options):
 
 @cli.group(name="features")
 def features_group():
-    """Feature shards (the files stage 1 writes and stage 2 reads): inspect, validate, merge, repack.
+    """Feature shards (the files stage 1 writes and stage 2 reads): inspect, report, validate, merge, repack.
 
     \b
     Examples:
       python cli.py features inspect outputs/features/train
+      python cli.py features report outputs/features/train outputs/features/val --out outputs/features/report
       python cli.py features validate outputs/features/train
       python cli.py features repack outputs/features/train --out /scratch/feats/train --compression none
     """
@@ -352,6 +357,38 @@ def features_inspect(path):
     from features import tools as feature_tools
 
     click.echo(feature_tools.inspect(path))
+
+
+@features_group.command(name="report")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for index.html and the overview PNGs: new, empty or an earlier report.")
+@click.option("--sample", type=click.IntRange(min=0), default=DEFAULT_SAMPLE, show_default=True,
+              help="Clips drawn at random (seeded) for the contact sheet, besides the clips worth a look.")
+@click.option("--frames", type=click.IntRange(min=1), default=DEFAULT_FRAMES, show_default=True,
+              help="Frames shown per clip, spread over it.")
+@click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding the source videos: frames are decoded from the videos the shards name below it,"
+                   " and from no other file (a shard names its videos itself). Without it, rows show stored crops"
+                   " where the set has them, and the face strips.")
+@overwrite_option
+def features_report(folders, out, sample, frames, videos, overwrite):
+    """One self-contained HTML page showing whether an extraction went right, to check before training.
+
+    FOLDERS are feature sets (split folders), shown side by side: inspect's numbers and the failures,
+    overview plots (face rate, detection scores, lengths, labels, failures; also as PNG files), and
+    contact sheets of sampled clips and of the clips most worth a look, with the stored face boxes
+    drawn on frames decoded again from the source videos. No script and no external reference:
+    it opens from a mail attachment.
+
+    \b
+    Examples:
+      python cli.py features report outputs/features/train --videos /data/CHEAVD2.0 --out outputs/features/report-train
+      python cli.py features report outputs/features/train outputs/features/val --out report --sample 48
+    """
+    from report.build import build_report
+
+    click.echo(f"wrote {build_report(list(folders), out, sample, frames, overwrite, progress=True, videos=videos)}")
 
 
 @features_group.command(name="validate")
@@ -437,8 +474,10 @@ def training_options(command):
         click.option("--class-weighting", is_flag=True,
                      help="Weight the loss by inverse class frequency (rare classes such as worried count more)."),
         click.option("--preload", type=click.Choice(PRELOAD_CHOICES), default=TRAINING["preload"], show_default=True,
-                     help="Read every clip into memory before training; auto: when it takes at most half the"
-                          " available memory."),
+                     help="Map every clip's steps from the steps cache ($CACA_STEPS_DIR, else"
+                          " ~/.cache/caca-rnn/steps: made by one read of the shards, then shared by every run of"
+                          " them on the machine); where it cannot be written, pack them in memory (auto: only"
+                          " when they take at most half the available memory). never: read the shards every epoch."),
         click.option("--precision", type=click.Choice(PRECISIONS), default=TRAINING["precision"], show_default=True,
                      help="How training steps compute (weights stay float32; validation and evaluate in float32):"
                           " bfloat16 on CPUs with AVX-512 BF16 or AMX and on GPUs, float16 on GPUs only."),

@@ -25,6 +25,8 @@ from extract import face_cnn, weights
 from extract.pipeline import extract_split
 from extract.settings import BACKBONES, VARIANTS, ExtractSettings
 from outputs import claim_folder, is_temporary, write_atomically
+from report.build import build_report
+from report.settings import PAGE
 from train.config import TrainConfig
 from train.layout import COMPLETE_MARK, CONFUSION_FILE, evaluation_folder
 from train.loop import evaluate_run, train_model
@@ -37,7 +39,13 @@ EPOCHS = 15
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 16
 SUMMARY_NAME = "summary.md"
-DEMO_ENTRIES = (CLIPS_FOLDER, BUILDING_FOLDER, MANIFEST_NAME, "features", "runs", "explain", SUMMARY_NAME)
+REPORT_FOLDER = "report"
+# The report of the demo's extraction draws a few random clips besides those worth a look: its
+# point is to be seen, and each clip shown is decoded again.
+REPORT_SAMPLE = 4
+DEMO_ENTRIES = (
+    CLIPS_FOLDER, BUILDING_FOLDER, MANIFEST_NAME, "features", REPORT_FOLDER, "runs", "explain", SUMMARY_NAME,
+)
 SYNTHETIC_NOTE = (
     "The demo set is synthetic (real photos, labels from a rule that needs both face and scene):"
     " these numbers are not emotion-recognition results."
@@ -125,6 +133,8 @@ def _write_summary(path: Path, results: dict[str, Metrics], timings: dict[str, f
         "",
         *_results_table(results),
         "",
+        f"Report of the extraction (open it in a browser): {out / REPORT_FOLDER / PAGE}",
+        "",
         "Confusion matrices: " + ", ".join(str(evaluation_folder(out / "runs" / model, "val") / CONFUSION_FILE) for model in results),
         "",
         f"Explanation pictures: `{_explain_command(out)}`",
@@ -161,6 +171,10 @@ def run_demo(out: Path, log: Callable[[str], None] = print, overwrite: bool = Fa
     for settings in extract_settings:
         with _timed(f"extract {settings.split}", timings):
             _extract(settings, log)
+    with _timed("report of the extraction", timings):
+        report = build_report([settings.folder for settings in extract_settings], out / REPORT_FOLDER, REPORT_SAMPLE,
+                              overwrite=overwrite, progress=True, videos=out / CLIPS_FOLDER)
+    log(f"report of the extraction: {report}")
     results: dict[str, Metrics] = {}
     with _one_torch_thread():
         for model in MODELS:
@@ -178,6 +192,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print, overwrite: bool = Fa
         SYNTHETIC_NOTE,
         _settings_line(),
         f"Confusion matrices: {evaluation_folder(out / 'runs' / 'MODEL', 'val') / CONFUSION_FILE}",
+        f"Report of the extraction: {report}",
         f"Explanation pictures: made by the predict command, run {_explain_command(out)}",
         f"Summary with timings: {summary} ({sum(timings.values()):.0f} s in all)",
     ]:

@@ -55,6 +55,7 @@ class Summary:
     seconds: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     earlier_failures: int = 0  # failed in an earlier run; not retried because the file is unchanged
+    videos: Path | None = None  # the folder holding every video of the split (for `features report --videos`)
 
     def add(self, other: "Summary") -> None:
         self.done += other.done
@@ -299,6 +300,7 @@ def extract_split(settings: ExtractSettings, progress: bool = True, log: Callabl
                 write_index(folder)
         write_failures(folder, summary.failures)
     summary.seconds = time.monotonic() - started
+    summary.videos = Path(os.path.commonpath([entry.path.parent for entry in entries])) if entries else None
     return summary
 
 
