@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from features.schema import shard_name
 from features.writer import ShardWriter
 from outputs import TEMP_SUFFIX
 from tests.feature_files import clip_of, extractor_attrs
-from train.data import STEP_INPUTS, ClipDataset, make_loader, preloaded
+from train.data import STEP_INPUTS, BufferPool, ClipDataset, make_loader, preloaded
 from train.packed import CACHE_ENV, cache_key, cached_steps, packed_in_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,21 +58,27 @@ def varied_split(tmp_path_factory) -> Path:
     return folder
 
 
-def batches(folder: Path, packed: bool, train: bool, workers: int) -> list[dict]:
+def batches(folder: Path, packed: bool, train: bool, workers: int, epochs: int = 1) -> Iterator[dict]:
+    """The loader's batches over `epochs` epochs, one at a time (a packed loader then reuses its memory)."""
     with open_features(folder) as features:
         steps = packed_in_memory(features, STEP_INPUTS) if packed else None
         dataset = ClipDataset(features, list(features.attrs["classes"]), train=train, inputs=STEP_INPUTS, steps=steps)
         torch.manual_seed(11)  # the random starts of training come from torch's generator
-        return list(make_loader(dataset, batch_size=8, num_workers=workers, seed=4, shuffle=train))
+        loader = make_loader(dataset, batch_size=8, num_workers=workers, seed=4, shuffle=train)
+        for _ in range(epochs):
+            yield from loader
 
 
 @pytest.mark.parametrize("train, workers", [(True, 0), (False, 0), (True, 2)])
 def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train, workers):
-    collated = batches(varied_split, packed=False, train=train, workers=workers)
-    gathered = batches(varied_split, packed=True, train=train, workers=workers)
-    assert len(collated) == len(gathered) == 5
+    """Three epochs, each packed batch compared and dropped before the next is made: batches of other
+    lengths then reuse the memory of earlier ones, whose steps must not show through the padding."""
+    collated = list(batches(varied_split, packed=False, train=train, workers=workers, epochs=3))
+    gathered = batches(varied_split, packed=True, train=train, workers=workers, epochs=3)
+    assert len(collated) == 15
     starts_differ = False
-    for old, new in zip(collated, gathered):
+    for old in collated:
+        new = next(gathered)
         assert new["clip_id"] == old["clip_id"]
         assert torch.equal(new["mask"], old["mask"]) and torch.equal(new["label"], old["label"])
         for name in STEP_INPUTS:
@@ -79,6 +86,8 @@ def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train
             assert new[name].dtype == (torch.float32 if name == "face" else torch.float16), name
             assert new[name].shape == old[name].shape and torch.equal(new[name].float(), old[name]), name
         starts_differ |= bool((~old["mask"][:, -1]).any())
+        del new
+    assert next(gathered, None) is None
     assert starts_differ  # padding was there to compare
     assert any_unlabelled(collated) and any_faceless_step(collated)
 
@@ -105,7 +114,22 @@ def test_batch_memory_is_used_again_only_once_no_batch_or_view_of_one_holds_it(v
         del kept, second
         third = dataset.gather(clips, starts)["context"]
         assert third.data_ptr() == address  # nothing holds it: used again, with this batch's values
-        assert torch.equal(third, batches(varied_split, packed=False, train=False, workers=0)[0]["context"].half())
+        assert torch.equal(third, next(batches(varied_split, packed=False, train=False, workers=0))["context"].half())
+
+
+def test_the_pool_replaces_a_free_buffer_too_small_and_keeps_held_ones():
+    pool = BufferPool()
+    short, longer = np.ones((1, 2), bool), np.ones((1, 5), bool)
+    held = pool.take((1, 2, 3), np.float16, short)
+    held[:] = 1
+    dropped = pool.take((1, 2, 3), np.float16, short)
+    del dropped
+    grown = pool.take((1, 5, 3), np.float16, longer)  # the free buffer is too small: replaced
+    assert len(pool.buffers[np.dtype(np.float16), (3,)]) == 2 and np.all(held == 1)
+    grown[:] = 2
+    del grown
+    padded = pool.take((1, 4, 3), np.float16, np.array([[True, False, False, False]]))
+    assert padded.base is not None and np.all(padded[0, 1:] == 0)  # the earlier steps, now padding, zeroed
 
 
 def test_the_cache_is_made_once_then_mapped_and_travels_to_workers_as_its_folder(varied_split, tmp_path):

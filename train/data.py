@@ -22,7 +22,6 @@ clips read from the shards, except that each input keeps its stored dtype.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -153,58 +152,83 @@ class ClipDataset(Dataset):
     def gather(self, indices: list[int], starts: np.ndarray) -> dict:
         """The batch of clips `indices`, each from its step `starts`, as `collate` makes it, except
         that each input keeps its stored dtype (float16 context and maps stay float16 until the
-        model's device): one contiguous copy per clip and input, padding zeroed alone."""
+        model's device): one contiguous copy per clip and input into reused memory."""
         first = self.steps.offsets[indices] + starts
         lengths = self.steps.lengths[indices] - starts
-        steps = int(lengths.max())
+        valid = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
         inputs = {}
         for name in self.inputs:
             source = self.steps.arrays[name]
-            shape = (len(indices), steps, *source.shape[1:])
+            shape = (*valid.shape, *source.shape[1:])
             if self.pin_memory:
                 # torch keeps freed page-locked blocks for reuse once their copies to the GPU are done.
-                out = torch.empty(shape, dtype=TORCH_DTYPES[source.dtype], pin_memory=True)
+                out = torch.zeros(shape, dtype=TORCH_DTYPES[source.dtype], pin_memory=True)
                 rows = out.numpy()
             else:
-                rows = self.buffers.take(shape, source.dtype)
+                rows = self.buffers.take(shape, source.dtype, valid)
                 out = torch.from_numpy(rows)
             for row, (begin, length) in enumerate(zip(first, lengths)):
                 rows[row, :length] = source[begin: begin + length]
-                rows[row, length:] = 0
             inputs[name] = out
         return batch_of(inputs, torch.from_numpy(lengths), [self.labels[i] for i in indices],
                         [self.clip_ids[i] for i in indices])
+
+
+@dataclass(eq=False)  # compared by identity (a pool removes one of its buffers)
+class HostBuffer:
+    """Memory for batches of one kind of step: `array` (capacity, *step shape); `written` marks the
+    rows that may hold a step of an earlier batch, every other row being zeros."""
+
+    array: np.ndarray
+    written: np.ndarray
+
+    def is_free(self) -> bool:
+        # Every array or tensor made from it keeps a reference: the attribute's and the call's own are left.
+        return sys.getrefcount(self.array) == FREE_REFERENCES
+
+    def rows(self, shape: tuple[int, ...], valid: np.ndarray) -> np.ndarray:
+        """The first rows as a batch of `shape`, zeros wherever `valid` (clips, steps) is False."""
+        count = valid.size
+        stale = self.written[:count] & ~valid.ravel()
+        self.array[:count][stale] = 0
+        self.written[:count] = valid.ravel()
+        return self.array[:count].reshape(shape)
 
 
 class BufferPool:
     """Host memory for batches, used again once no batch refers to it.
 
     A fresh array as large as a batch of 25088-d context (tens of MB) comes from the system page
-    by page, which cost several times the copy into it; a buffer of the pool is taken only when
-    nothing else holds it: every tensor made from it, and every view of such a tensor, keeps a
-    reference to it, so a batch kept by its consumer is never written over.
+    by page, which costs several times the copy into it, and zeroing a batch's padding (often
+    two thirds of it) as much again: a buffer of the pool keeps its size, and only the rows that
+    held steps and are now padding are zeroed. A buffer is taken only when nothing else holds it:
+    every tensor made from it, and every view of such a tensor, keeps a reference to it, so a
+    batch kept by its consumer is never written over. (A consumer that writes into a batch's
+    padding would find it in a later one; the models never read padding.)
     """
 
-    MAX_BUFFERS = 4
+    MAX_BUFFERS = 4  # of each kind of step
 
     def __init__(self):
-        self.buffers: list[np.ndarray] = []
+        self.buffers: dict[tuple, list[HostBuffer]] = {}
 
-    def is_free(self, i: int) -> bool:
-        return sys.getrefcount(self.buffers[i]) == FREE_REFERENCES  # the list's and the call's own
-
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        size = math.prod(shape)
-        free = [i for i in range(len(self.buffers)) if self.is_free(i) and self.buffers[i].dtype == dtype]
-        fitting = [i for i in free if self.buffers[i].size >= size]
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, valid: np.ndarray) -> np.ndarray:
+        """An array of `shape` (clips, steps, ...) with zeros wherever `valid` (clips, steps) is False."""
+        kind = (np.dtype(dtype), shape[2:])
+        buffers = self.buffers.setdefault(kind, [])
+        count = valid.size
+        free = [buffer for buffer in buffers if buffer.is_free()]
+        fitting = [buffer for buffer in free if len(buffer.array) >= count]
         if fitting:
-            return self.buffers[fitting[0]][:size].reshape(shape)
+            return fitting[0].rows(shape, valid)
         if free:
-            del self.buffers[free[0]]  # too small for this batch: replaced by one that fits
-        elif len(self.buffers) >= self.MAX_BUFFERS:
-            return np.empty(shape, dtype)  # the consumer holds every buffer: memory of its own, not kept
-        self.buffers.append(np.empty(size, dtype))
-        return self.buffers[-1][:size].reshape(shape)
+            buffers.remove(free[0])  # too small for this batch: replaced by one that fits
+        elif len(buffers) >= self.MAX_BUFFERS:
+            return np.zeros(shape, dtype)  # the consumer holds every buffer: memory of its own, not kept
+        # As large as the largest batch yet, so that batches of varying lengths settle on a few buffers.
+        capacity = max([count, *(len(buffer.array) for buffer in buffers)])
+        buffers.append(HostBuffer(np.zeros((capacity, *shape[2:]), dtype), np.zeros(capacity, bool)))
+        return buffers[-1].rows(shape, valid)
 
 
 FREE_REFERENCES = 2
