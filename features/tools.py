@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -56,31 +57,51 @@ MAX_PROBLEMS_PER_SHARD = 20
 READ_BLOCK_BYTES = 32 * 1024 * 1024
 
 
+@dataclass
+class InspectSummary:
+    """What `features inspect` says of a set: (name, value) facts, then its attributes."""
+
+    facts: list[tuple[str, str]]
+    attributes: list[tuple[str, str]]
+    differing: list[str]  # attributes whose values differ between shards (left out of `attributes`)
+
+    def text(self) -> str:
+        lines = [f"{name:<{KEY_WIDTH}}{value}" for name, value in self.facts]
+        lines += ["attributes:", *(f"  {key}: {value}" for key, value in self.attributes)]
+        if self.differing:
+            lines.append(f"  (differing between shards: {', '.join(self.differing)})")
+        return "\n".join(lines)
+
+
+KEY_WIDTH = 14
+
+
 def inspect(path) -> str:
     """A human summary: shards, clips, frames and faces, labels, context, size on disk, attributes."""
+    return inspect_summary(path).text()
+
+
+def inspect_summary(path) -> InspectSummary:
     with open_features(path) as features:
         frames = features.n_frames
         with_faces, compressions = zip(*(stored_facts(shard) for shard in features.shards))
         with_face = sum(with_faces)
         size = sum(shard.size for shard in features.shards)
         attrs = features.attrs
-        per_shard = sorted({key for shard in features.shards for key in shard.attrs} - set(attrs))
-        lines = [
-            f"feature set   {absolute(path)}",
-            f"shards        {len(features.shards)}",
-            f"clips         {len(features)}",
-            f"frames        {frames}, {with_face} with a face ({100 * with_face / max(frames, 1):.1f}%)",
-            f"labels        {label_summary(features.labels, attrs['classes'])}",
-            f"context       {attrs['context_dim']}-d {attrs['context_dtype']}",
-            f"compression   {compression_summary(list(compressions))}",
-            f"on disk       {size / 1e6:.1f} MB, {size / max(frames, 1):.0f} bytes per frame",
-            f"failed clips  {failures_summary(path)}",
-            "attributes:",
-            *(f"  {key}: {describe(attrs[key])}" for key in sorted(attrs)),
+        facts = [
+            ("feature set", str(absolute(path))),
+            ("shards", str(len(features.shards))),
+            ("clips", str(len(features))),
+            ("frames", f"{frames}, {with_face} with a face ({100 * with_face / max(frames, 1):.1f}%)"),
+            ("labels", label_summary(features.labels, attrs["classes"])),
+            ("context", f"{attrs['context_dim']}-d {attrs['context_dtype']}"),
+            ("compression", compression_summary(list(compressions))),
+            ("on disk", f"{size / 1e6:.1f} MB, {size / max(frames, 1):.0f} bytes per frame"),
+            ("failed clips", failures_summary(path)),
         ]
-    if per_shard:
-        lines.append(f"  (differing between shards: {', '.join(per_shard)})")
-    return "\n".join(lines)
+        attributes = [(key, describe(attrs[key])) for key in sorted(attrs)]
+        differing = sorted({key for shard in features.shards for key in shard.attrs} - set(attrs))
+    return InspectSummary(facts, attributes, differing)
 
 
 def describe(value) -> str:
@@ -137,13 +158,19 @@ def failures_summary(path) -> str:
     return "; ".join(parts + [f"{rows} in {file}" for file, rows in failures.items() if isinstance(rows, str)])
 
 
-def label_summary(labels: dict, classes: list[str]) -> str:
+def label_counts(labels: dict, classes: list[str]) -> dict[str, int]:
+    """Clips per label (`labels`: clip id -> label or None), in the order of `classes`, then labels
+    outside them, then the unlabelled."""
     counts = Counter(labels.values())
     names = [name for name in classes if counts[name]] + sorted(k for k in counts if k is not None and k not in classes)
-    parts = [f"{name} {counts[name]}" for name in names]
+    shown = {name: counts[name] for name in names}
     if counts[None]:
-        parts.append(f"unlabelled {counts[None]}")
-    return ", ".join(parts) or "none"
+        shown["unlabelled"] = counts[None]
+    return shown
+
+
+def label_summary(labels: dict, classes: list[str]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in label_counts(labels, classes).items()) or "none"
 
 
 def validate(path, progress: bool = False) -> list[str]:

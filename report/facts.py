@@ -49,7 +49,7 @@ class FailuresFile:
 @dataclass(frozen=True)
 class SetFacts:
     path: Path
-    summary: str  # `features inspect`'s text, so that the page's numbers are inspect's
+    summary: tools.InspectSummary  # what `features inspect` says, so that the page's numbers are inspect's
     attrs: dict  # the attributes every shard shares
     clips: list[ClipFacts]
     scores: np.ndarray  # the detector's score of every frame with a face
@@ -95,15 +95,6 @@ def clip_facts(features: FeatureSet, folder: int, clip_id: str) -> tuple[ClipFac
     return facts, scores
 
 
-def label_counts(features: FeatureSet) -> dict[str, int]:
-    """Clips per label, in the set's class order, then labels outside it, then the unlabelled."""
-    counts = Counter(features.labels.values())
-    classes = features.attrs["classes"]
-    names = [name for name in classes if counts[name]] + sorted(k for k in counts if k is not None and k not in classes)
-    shown = {name: counts[name] for name in names}
-    if counts[None]:
-        shown["unlabelled"] = counts[None]
-    return shown
 
 
 def failures_files(path: Path) -> list[FailuresFile]:
@@ -127,7 +118,7 @@ def failures_files(path: Path) -> list[FailuresFile]:
 def read_set(path: Path, folder: int) -> SetFacts:
     """The facts of the feature set at `path` (a folder or a shard), the report's `folder`-th set."""
     path = absolute(path)
-    summary = tools.inspect(path)
+    summary = tools.inspect_summary(path)
     with open_features(path) as features:
         clips, scores = [], []
         for clip_id in features.clip_ids:
@@ -140,6 +131,6 @@ def read_set(path: Path, folder: int) -> SetFacts:
             attrs=features.attrs,
             clips=clips,
             scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),
-            labels=label_counts(features),
+            labels=tools.label_counts(features.labels, list(features.attrs["classes"])),
             failures=failures_files(path),
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 
 import numpy as np
 from PIL import Image
@@ -78,24 +77,16 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def summary_rows(summary: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """`features inspect`'s lines as (key, value) rows: its `key   value` lines, and the `  key: value` lines
-    under `attributes:`; a line of neither form is a row of its own."""
-    head, _, tail = summary.partition("\nattributes:\n")
-    fields = [re.fullmatch(r"(\S+(?: \S+)*?) {2,}(.*)", line) for line in head.splitlines()]
-    attributes = [re.fullmatch(r"  (\S+): (.*)", line) for line in tail.splitlines()]
-    return ([match.groups() if match else ("", line) for match, line in zip(fields, head.splitlines())],
-            [match.groups() if match else ("", line) for match, line in zip(attributes, tail.splitlines())])
-
-
 def table(rows: list[tuple[str, str]]) -> str:
     cells = "".join(f"<tr><td class='key'>{text(key)}</td><td>{text(value)}</td></tr>" for key, value in rows)
     return f"<table>{cells}</table>"
 
 
 def summary_table(facts: SetFacts) -> str:
-    fields, attributes = summary_rows(facts.summary)
-    return (f"{table(fields)}<details><summary>attributes ({len(attributes)}): how the features were made"
+    summary = facts.summary
+    attributes = summary.attributes + [("differing between shards", ", ".join(summary.differing))] * bool(
+        summary.differing)
+    return (f"{table(summary.facts)}<details><summary>attributes ({len(attributes)}): how the features were made"
             f"</summary>{table(attributes)}</details>")
 
 
