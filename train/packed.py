@@ -48,7 +48,7 @@ CACHE_ENV = "CACA_STEPS_DIR"
 # Bump when the layout or the choice of a clip's steps changes: older folders are then never read.
 CACHE_VERSION = 1
 OFFSETS_FILE = "offsets.npy"
-SOURCE_FILE = "source.json"
+SOURCE_FILE = "source.json"  # the shards a folder was made from, for a person choosing what to delete
 LOCK_FILE = "lock"
 SYNCED_SUFFIX = ".synced"
 # A file written this many seconds after the machine's start counts as written since it (/proc/uptime
