@@ -284,12 +284,16 @@ def test_two_workers_split_the_threads_and_give_one_process_features(dataset, fi
     assert run.returncode == 3, stderr
     assert "4 clips extracted, 0 already done, 3 failed" in stdout
     # Each worker logs each shard it wrote (or its failed clips) with its process and torch threads.
-    workers = re.findall(r"\.h5: 1 clips, .* \(process (\d+), torch threads (\d+)\)", stderr)
-    assert len(workers) == 4, stderr
-    assert len({pid for pid, _ in workers}) == 2 and str(run.pid) not in {pid for pid, _ in workers}
+    tasks = re.findall(r": (\d) clips, .* \(process (\d+), torch threads (\d+)\)", stderr)
+    assert sorted(clips for clips, _, _ in tasks) == ["0"] * 3 + ["1"] * 4, stderr
+    # Which worker takes which task is joblib's scheduling: on a loaded machine one worker can
+    # take every task of this tiny split before the other has imported torch.
+    pids = {pid for _, pid, _ in tasks}
+    assert 1 <= len(pids) <= 2 and str(run.pid) not in pids, "tasks run in worker processes"
+    assert "7 to extract with 2 worker(s)" in stderr
     split = max(1, (os.cpu_count() or 1) // 2)
-    assert {int(threads) for _, threads in workers} == {split}, "the cores split between the workers"
-    assert stderr.count("networks loaded on cpu") == 2, "once in each worker"
+    assert {int(threads) for _, _, threads in tasks} == {split}, "the cores split between the workers"
+    assert stderr.count("networks loaded on cpu") == len(pids), "once in each worker that took a task"
     assert "train/sad/portrait: 6 frames sampled, a face in 6" in stderr, "-v shows the workers' clips"
     # The features of one process computing on a worker's threads, bit for bit.
     with torch_threads(split):
