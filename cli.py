@@ -14,8 +14,9 @@ from pathlib import Path
 
 import click
 
+from devices import PRECISIONS
 from errors import UserError
-from extract.settings import BACKBONES, BACKENDS, PRECISIONS, ExtractSettings
+from extract.settings import BACKBONES, BACKENDS, ExtractSettings
 from features.recipe import CONTEXT_DTYPES
 from outputs import plain_name_problem
 from report.settings import DEFAULT_FRAMES, DEFAULT_SAMPLE

@@ -49,10 +49,10 @@ from benchmarks.extract_benchmark import SCENES, SIZE, bench_settings, best_of, 
 from benchmarks.paper_scale import (  # noqa: E402
     DATA_SHARE_TARGET, SPLITS, ModelFigures, ensure_set, in_fresh_process, measure_model, shard_bytes, verdict,
 )
-from devices import DeviceError, resolve_device  # noqa: E402
+from devices import DEFAULT_PRECISION, DeviceError, resolve_device  # noqa: E402
 from extract import face_cnn  # noqa: E402
 from extract.pipeline import extract_split  # noqa: E402
-from extract.settings import BACKBONES, DEFAULT_DETECTOR, DEFAULT_FPS, DEFAULT_PRECISION, VARIANTS  # noqa: E402
+from extract.settings import BACKBONES, DEFAULT_DETECTOR, DEFAULT_FPS, VARIANTS  # noqa: E402
 from features.reader import open_features  # noqa: E402
 from tests.media import panned_frames, write_clip  # noqa: E402
 from train.config import TRAINABLE_MODELS, TrainConfig, parse_models  # noqa: E402

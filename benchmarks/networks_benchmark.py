@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.extract_benchmark import SCENES, alternated, make_clip, median_ratio  # noqa: E402
 from extract.context_cnn import ContextCNN, context_crops  # noqa: E402
 from extract.face_cnn import FaceCNN, _to_model_input  # noqa: E402
+from devices import PRECISIONS  # noqa: E402
 from extract.faces import crop_every_face  # noqa: E402
 from extract.retinaface import RetinaFaceDetector  # noqa: E402
-from extract.runtime import PRECISIONS, keep_freed_memory_for_reuse  # noqa: E402
+from extract.runtime import keep_freed_memory_for_reuse  # noqa: E402
 from extract.video import sample_frames  # noqa: E402
 
 BATCH_SIZES = (4, 8, 16, 32, 64, 128)

@@ -41,7 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from extract.settings import DEFAULT_FPS, PRECISIONS, ExtractSettings  # noqa: E402
+from devices import PRECISIONS  # noqa: E402
+from extract.settings import DEFAULT_FPS, ExtractSettings  # noqa: E402
 from features.labels import CHEAVD_CLASSES  # noqa: E402
 from features.reader import open_features, write_index  # noqa: E402
 from features.schema import FACE_DIM, ClipFeatures, shard_name  # noqa: E402

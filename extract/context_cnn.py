@@ -16,11 +16,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from devices import resolve_device
-from extract.settings import DEFAULT_CONTEXT_BACKBONE, DEFAULT_PRECISION, ContextBackbone, backbone_for
+from devices import DEFAULT_PRECISION, autocast, checked_precision, resolve_device
+from extract.settings import DEFAULT_CONTEXT_BACKBONE, ContextBackbone, backbone_for
 from extract.runtime import (
-    InputNormalisation, as_nhwc_uint8, autocast, checked_precision, frames_per_call, network_input,
-    prepared_for_inference,
+    InputNormalisation, as_nhwc_uint8, frames_per_call, network_input, prepared_for_inference,
 )
 from extract.weights import load_state_dict_checked, verified_path
 

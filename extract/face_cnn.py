@@ -18,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from devices import resolve_device
-from extract.runtime import (
-    as_channels_last, as_nhwc_uint8, autocast, checked_precision, prepared_for_inference,
-)
-from extract.settings import DEFAULT_PRECISION
+from devices import DEFAULT_PRECISION, autocast, checked_precision, resolve_device
+from extract.runtime import as_channels_last, as_nhwc_uint8, prepared_for_inference
 from extract.weights import WeightsError, verified_path
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
 

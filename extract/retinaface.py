@@ -19,14 +19,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from devices import resolve_device
+from devices import DEFAULT_PRECISION, autocast, checked_precision, resolve_device
 from extract.runtime import (
-    InputNormalisation, as_nhwc_uint8, autocast, checked_precision, frames_per_call, network_input,
-    prepared_for_inference,
+    InputNormalisation, as_nhwc_uint8, frames_per_call, network_input, prepared_for_inference,
 )
-from extract.settings import (
-    DEFAULT_DETECTOR, DEFAULT_PRECISION, DEFAULT_SCORE_THRESHOLD, VARIANTS, RetinaFaceVariant,
-)
+from extract.settings import DEFAULT_DETECTOR, DEFAULT_SCORE_THRESHOLD, VARIANTS, RetinaFaceVariant
 from extract.weights import load_state_dict_checked, verified_path
 
 # The checkpoints were trained on BGR images (OpenCV) with these per-channel means subtracted.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import platform
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from extract.settings import PRECISIONS
 
 
 # glibc's malloc hands a freed block back to the OS once it is above its mmap threshold, or
@@ -60,12 +58,6 @@ GPU_FRAMES_PER_CALL = 64
 
 def frames_per_call(device: torch.device) -> int:
     return CPU_FRAMES_PER_CALL if device.type == "cpu" else GPU_FRAMES_PER_CALL
-
-
-def checked_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
-    return precision
 
 
 @dataclass(frozen=True)
@@ -149,9 +141,3 @@ def with_batch_norms_folded(model: nn.Module) -> nn.Module:
 def as_channels_last(batch: torch.Tensor) -> torch.Tensor:
     return batch.contiguous(memory_format=torch.channels_last)
 
-
-def autocast(device: torch.device, precision: str):
-    """The context the networks run in: float32 as they are, else autocast to `precision`."""
-    if precision == "float32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, precision))

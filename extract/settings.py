@@ -11,6 +11,7 @@ import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from devices import DEFAULT_PRECISION
 from errors import UserError
 from features.layout import DEFAULT_ROOT, PART_FOLDER
 from features.recipe import CONTEXT_DTYPES, RECIPE_ATTRS, FeatureRecipe
@@ -19,11 +20,6 @@ from outputs import check_plain_name
 DEFAULT_FPS = 5.0  # the paper's sampling rate
 DEFAULT_MANIFEST = Path("manifests/cheavd.csv")
 DEFAULT_CONTEXT_BACKBONE = "squeezenet1_1"  # the paper's
-# How the frozen CNNs compute: float32 as trained, or autocast to a 16-bit type, which is
-# faster where the hardware has it (bfloat16 on recent CPUs, float16 on GPUs) and gives
-# features close to, not equal to, float32's (benchmarks/README.md has the figures).
-PRECISIONS = ("float32", "bfloat16", "float16")
-DEFAULT_PRECISION = "float32"
 # Where extraction tasks run: processes on this machine, or a Dask cluster's workers.
 BACKENDS = ("local", "dask")
 DASK_INSTALL = "pip install 'caca-rnn[dask]'"

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from devices import resolve_device
+from devices import PRECISIONS, resolve_device
 from errors import UserError
 from extract import face_cnn
 from extract.clips import embed_clips, load_networks, recipe_of, weight_names
-from extract.settings import BACKBONES, PRECISIONS, VARIANTS, ExtractSettings, settings_for
+from extract.settings import BACKBONES, VARIANTS, ExtractSettings, settings_for
 from extract.runtime import keep_freed_memory_for_reuse
 from extract.video import VideoError
 from features.failures import Failure, file_stamp, one_line

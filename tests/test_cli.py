@@ -52,6 +52,17 @@ def test_help_loads_no_heavy_library():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_stage_2_imports_nothing_of_stage_1():
+    """Training reads shards only: it runs where the extractor's code and PyAV are not installed."""
+    probe = (
+        "import sys, train.loop, train.compare, train.ensemble\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('extract', 'av', 'torchvision')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_list_shows_every_weight_and_its_status(tmp_path, weight_path, monkeypatch):
     (tmp_path / "emotion_model.hdf5").write_bytes(weight_path("mini-xception-fer2013").read_bytes())
     (tmp_path / "mobilenet0.25_Final.pth").write_bytes(b"truncated")

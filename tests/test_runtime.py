@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from devices import autocast, checked_precision
 from extract.face_cnn import FaceCNN
 from extract.runtime import (
-    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, InputNormalisation, as_nhwc_uint8, autocast,
-    checked_precision, frames_per_call, network_input, prepared_for_inference,
-    with_batch_norms_folded,
+    CPU_FRAMES_PER_CALL, GPU_FRAMES_PER_CALL, InputNormalisation, as_nhwc_uint8, frames_per_call, network_input,
+    prepared_for_inference, with_batch_norms_folded,
 )
 from tests.media import ASTRONAUT_FACE_BOX, photo
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from extract.settings import DEFAULT_PRECISION
+from devices import DEFAULT_PRECISION
 from features.layout import DEFAULT_ROOT
 from features.recipe import MISSING
 from train.layout import run_name

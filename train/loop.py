@@ -25,9 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from devices import resolve_device
+from devices import autocast, checked_precision, resolve_device
 from errors import UserError
-from extract.runtime import autocast, checked_precision
 from features.reader import FeatureSet, open_features
 from features.schema import MAX_CONTEXT_DIM, are_distinct_names, comparable, is_int
 from outputs import check_output_folder, check_plain_name, is_temporary, write_atomically
