@@ -225,7 +225,21 @@ def _cut_square(frame: torch.Tensor, square: np.ndarray, size: int) -> torch.Ten
         return torch.zeros((1, 3, size, size), device=frame.device)  # wholly outside the frame: black
     region = frame[y0:y1, x0:x1].permute(2, 0, 1)[None].float()
     roi = torch.tensor([[0.0, square[0] - x0, square[1] - y0, square[2] - x0, square[3] - y0]], device=frame.device)
-    return torchvision.ops.roi_align(region, roi, output_size=size, sampling_ratio=-1, aligned=True)
+    return torchvision.ops.roi_align(region, roi, output_size=size, sampling_ratio=_samples_per_bin(square, frame, size),
+                                     aligned=True)
+
+
+# roi_align's adaptive sampling takes side/size points per output pixel and axis: a square a
+# hundred times the frame (which a detector could return on an odd video) took hours, and
+# one of a million pixels crashed the process. No square of a real face comes near this.
+MAX_SQUARE_PER_FRAME_SIDE = 4
+
+
+def _samples_per_bin(square: np.ndarray, frame: torch.Tensor, size: int) -> int:
+    """roi_align's sampling_ratio: adaptive (-1), capped at what a square MAX_SQUARE_PER_FRAME_SIDE
+    times the frame's longer side would take."""
+    cap = math.ceil(MAX_SQUARE_PER_FRAME_SIDE * max(frame.shape[:2]) / size)
+    return -1 if (square[2] - square[0]) / size <= cap else cap
 
 
 def crop_squares(frames: torch.Tensor, boxes: np.ndarray, owners: np.ndarray, size: int = FACE_CROP_SIZE) -> np.ndarray:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +19,8 @@ from extract.faces import (
 )
 from extract.retinaface import FaceDetections
 from tests.media import ASTRONAUT_FACE_BOX, face_box, heads_on_scene, photo, read_clip, write_clip
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +71,24 @@ def test_crops_are_square_scaled_and_black_outside_the_frame():
     assert np.all(inside == 200)
     corner = crop_squares(frame, np.array([[-20, -20, 20, 20]], np.float32), np.zeros(1, int))[0]
     assert corner[5, 5].max() == 0 and corner[-5, -5].min() == 200
+
+
+def test_squares_far_larger_than_the_frame_are_cut_in_bounded_time():
+    """A box a hundred or a million times the frame took hours, or crashed the process, in
+    roi_align's adaptive sampling: run in a child so that a crash fails this test only."""
+    probe = (
+        "import numpy as np, torch\n"
+        "from extract.faces import crop_squares\n"
+        "frame = torch.full((1, 360, 640, 3), 200, dtype=torch.uint8)\n"
+        "boxes = np.array([[-3e4, -3e4, 3e4, 3e4], [-1e6, -1e6, 1e6, 1e6], [300, 170, 340, 210]], np.float32)\n"
+        "crops = crop_squares(frame, boxes, np.zeros(3, int))\n"
+        "print(crops[0, 0, 0].max(), crops[0, 64, 64].min(), crops[1].max(), crops[2].min())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    corner, centre, huge, face = map(int, done.stdout.split())
+    assert corner == 0 and centre > 0, "the frame is a dot in the middle of a black square"
+    assert huge == 0 and face == 200
 
 
 def test_detection_on_a_downscaled_copy_maps_boxes_back(detector):
