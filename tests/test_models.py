@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from features.schema import FACE_MAP_SHAPE
 from train.config import MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
 from train.data import STEP_INPUTS
+from train.loop import MixedPrecision
 from train.models import PAPER_PARAMS, MaskedBatchNorm3d, WeightedEnsemble, build_model, parameter_report
 
 FACE_DIM = 128
@@ -282,3 +283,22 @@ def test_face_rnn_learns_a_planted_direction():
         assert (logits_of(net, train_inputs).argmax(dim=1) == train_labels).float().mean() > 0.9
         # 64 clips can be memorised even with random labels; held-out clips show the direction was learnt.
         assert (logits_of(net, held_out_inputs).argmax(dim=1) == held_out_labels).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("name", TRAINABLE_MODELS)
+def test_every_model_trains_under_bfloat16_autocast_close_to_float32(name):
+    """`train --precision bfloat16` on the CPU: the forward pass under autocast, weights and
+    their gradients in float32, and padding's garbage still never reaching a logit."""
+    net = model(name).train()
+    inputs = padded_inputs([5, 2, 7, 1])
+    torch.manual_seed(1)
+    exact = logits_of(net, inputs)
+    torch.manual_seed(1)  # the same dropout
+    with MixedPrecision(torch.device("cpu"), "bfloat16").forward():
+        half = logits_of(net, inputs)
+    assert half.dtype == torch.bfloat16, "the model really computes in bfloat16"
+    torch.testing.assert_close(half.float(), exact, rtol=0.02, atol=0.01)
+    F.cross_entropy(half.float(), torch.tensor([0, 1, 2, 3])).backward()
+    for parameter_name, parameter in net.named_parameters():
+        assert parameter.dtype == parameter.grad.dtype == torch.float32, parameter_name
+        assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, parameter_name
