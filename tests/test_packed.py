@@ -4,11 +4,14 @@ batches bit for bit, and the steps cache on disk is made once, shared, checked a
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +26,7 @@ from features.writer import ShardWriter
 from outputs import TEMP_SUFFIX
 from tests.feature_files import clip_of, extractor_attrs
 from train.data import STEP_INPUTS, BufferPool, ClipDataset, make_loader, preloaded
-from train.packed import CACHE_ENV, cache_key, cached_steps, packed_in_memory
+from train.packed import CACHE_ENV, IN_USE_FILE, LOCK_FILE, cache_key, cached_steps, packed_in_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS_PER_SHARD = 13
@@ -191,6 +194,58 @@ def test_replaced_shards_get_a_new_cache_folder(varied_split, tmp_path):
         finally:
             os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert cache_key(features) == before
+
+
+PRELOAD = (
+    "import sys\n"
+    "from features.reader import open_features\n"
+    "from train.packed import preload_steps\n"
+    "with open_features(sys.argv[1]) as features:\n"
+    "    steps = preload_steps(features, ('face',), 'train', print)\n"
+    "print(steps.folder)\n"
+)
+
+
+def preload_in_a_new_process(split: Path, root: Path) -> tuple[Path, list[str]]:
+    """The cache folder a new run on `split` maps, and the lines it says."""
+    done = subprocess.run([sys.executable, "-c", PRELOAD, str(split)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, CACHE_ENV: str(root)})
+    assert done.returncode == 0, done.stderr
+    *lines, folder = done.stdout.splitlines()
+    return Path(folder), lines
+
+
+@contextmanager
+def flocked(path: Path, operation: int) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, operation)
+        yield
+
+
+def test_the_cache_of_replaced_shards_is_removed_once_no_process_uses_or_builds_it(varied_split, tmp_path):
+    split = shutil.copytree(varied_split, tmp_path / "features" / "train")
+    other = shutil.copytree(varied_split, tmp_path / "other" / "train")
+    root = tmp_path / "cache"
+    earlier, _ = preload_in_a_new_process(split, root)
+    other_split, _ = preload_in_a_new_process(other, root)
+    for shard in split.glob("*.h5"):  # extracted again
+        stat = shard.stat()
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    with flocked(earlier / IN_USE_FILE, fcntl.LOCK_SH):  # a run still training on the earlier shards
+        current, lines = preload_in_a_new_process(split, root)
+    assert current != earlier and earlier.exists() and not any("removed" in line for line in lines)
+    with flocked(earlier / LOCK_FILE, fcntl.LOCK_EX):  # a process building it
+        assert preload_in_a_new_process(split, root) == (current, [])
+    assert earlier.exists()
+
+    assert preload_in_a_new_process(split, root)[1] == [
+        f"removed {earlier}, the steps cache of earlier versions of these shards (0.00 GB)"
+    ]
+    assert sorted(root.iterdir()) == sorted([current, other_split]), "the cache of other shards stays"
+    with open_features(split) as features:
+        steps, written = cached_steps(features, ("face",), root)
+        assert written == [] and np.array_equal(steps.arrays["face"], packed_in_memory(features, ("face",)).arrays["face"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other shape", "a pickle", "a leftover temporary file"])

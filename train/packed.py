@@ -15,8 +15,10 @@ input is its own file, made the first time a model needs it. A new file is writt
 the background while training starts (waiting for the disk would double the cost of making it)
 and marked once it is there; a file not so marked is used only in the boot it was written in, and
 made again after a restart, since a crash can leave holes of zeros in it. The cache is
-disposable: delete any of it at any time. Where it cannot be written (a read-only or full disk),
-the arrays are packed in memory instead.
+disposable: delete any of it at any time. A folder made from earlier versions of a split's shards
+(same paths, other sizes or times) can never be read again, so it is removed once no process uses
+it: re-extracting a split does not leave gigabytes behind. Where the cache cannot be written (a
+read-only or full disk), the arrays are packed in memory instead.
 
 Nothing in the cache is trusted beyond its shapes: files are loaded without pickles, checked
 against the split they claim to hold, and rebuilt when they do not fit.
@@ -29,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -48,8 +51,10 @@ CACHE_ENV = "CACA_STEPS_DIR"
 # Bump when the layout or the choice of a clip's steps changes: older folders are then never read.
 CACHE_VERSION = 1
 OFFSETS_FILE = "offsets.npy"
-SOURCE_FILE = "source.json"  # the shards a folder was made from, for a person choosing what to delete
+SOURCE_FILE = "source.json"  # the shards a folder was made from: which folders hold earlier versions of them
 LOCK_FILE = "lock"
+# Held shared by every process using a folder, for its life: a folder is removed only when no one holds it.
+IN_USE_FILE = "in-use"
 SYNCED_SUFFIX = ".synced"
 # A file written this many seconds after the machine's start counts as written since it (/proc/uptime
 # and the clock are read at different instants).
@@ -138,6 +143,56 @@ def cache_key(features: FeatureSet) -> str:
         shards.append([str(absolute(shard.path)), stat.st_size, stat.st_mtime_ns])
     text = json.dumps({"version": CACHE_VERSION, "shards": shards})
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+_HELD: dict[Path, object] = {}  # folder -> this process's open handle on its IN_USE_FILE
+
+
+def hold_in_use(folder: Path) -> None:
+    """Mark `folder` as used by this process until it ends (the lock goes with the process)."""
+    if folder not in _HELD:
+        handle = open(folder / IN_USE_FILE, "a")
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _HELD[folder] = handle
+
+
+def remove_replaced(root: Path, current: Path, shards: list[str]) -> list[tuple[Path, int]]:
+    """Remove the cache folders of `root` made from other versions of these same shards (the same
+    paths under another key), skipping any that a process uses or builds now; the folders removed
+    and their sizes."""
+    removed = []
+    for folder in root.iterdir():
+        if folder == current or not folder.is_dir() or source_shards(folder) != shards:
+            continue
+        try:
+            with unused(folder):
+                size = cache_bytes(folder)
+                shutil.rmtree(folder)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # in use or being built, or removed by another process
+        except OSError as exc:
+            logger.debug("steps cache folder %s not removed: %s", folder, exc)
+            continue
+        removed.append((folder, size))
+    return removed
+
+
+def source_shards(folder: Path) -> list[str] | None:
+    """The shard paths a folder's source file names; None when it has no readable one."""
+    try:
+        shards = json.loads((folder / SOURCE_FILE).read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return shards if isinstance(shards, list) and all(isinstance(path, str) for path in shards) else None
+
+
+@contextmanager
+def unused(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s build and in-use locks exclusively; BlockingIOError when a process holds either."""
+    with open(folder / LOCK_FILE, "a") as build, open(folder / IN_USE_FILE, "a") as use:
+        fcntl.flock(build, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
 
 
 @contextmanager
@@ -247,6 +302,7 @@ def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> t
     inputs written now. OSError when the cache cannot be read or written."""
     folder = root / cache_key(features)
     folder.mkdir(parents=True, exist_ok=True)
+    hold_in_use(folder)
     written = []
     with locked(folder / LOCK_FILE):
         remove_leftovers(folder)
@@ -264,10 +320,14 @@ def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> t
                                              lambda out, name=name: fill_steps(features, name, offsets, out))
             written += [name] if new else []
         if written:
-            source = {"shards": [str(absolute(shard.path)) for shard in features.shards], "clips": len(features)}
+            source = {"shards": shard_paths(features), "clips": len(features)}
             write_atomically(folder / SOURCE_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=1)))
             sync_in_background([folder / f"{name}.npy" for name in written])
     return PackedSteps(np.array(offsets), arrays, folder), written
+
+
+def shard_paths(features: FeatureSet) -> list[str]:
+    return [str(absolute(shard.path)) for shard in features.shards]
 
 
 def remove_leftovers(folder: Path) -> None:
@@ -295,6 +355,8 @@ def preload_steps(features: FeatureSet, inputs: tuple[str, ...], what: str, log:
         log(f"the steps cache in {root} could not be used ({exc.strerror or exc}): the {what} steps are {instead}"
             f" (set ${CACHE_ENV} to a folder on a disk with room)")
         return packed_in_memory(features, inputs) if fallback else None
+    for folder, size in remove_replaced(root, steps.folder, shard_paths(features)):
+        log(f"removed {folder}, the steps cache of earlier versions of these shards ({size / 1e9:.2f} GB)")
     if written:
         log(f"cached the {what} steps ({', '.join(written)}) in {steps.folder} in {time.perf_counter() - started:.0f} s"
             f" ({cache_bytes(steps.folder) / 1e9:.2f} GB; later runs of these shards map it; delete it any time)")
