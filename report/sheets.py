@@ -167,7 +167,7 @@ def nearest(wanted: dict[float, Cell], time: float) -> Cell | None:
 
 def usable_box(box: np.ndarray, height: int, width: int) -> np.ndarray | None:
     """A stored box to draw and crop by, or None for values no detector gives (a damaged or crafted shard's):
-    not numbers, or further than a frame's size beyond its edges, whose crop would take minutes."""
+    not numbers, or further than a frame's size beyond its edges, where no detector's box lies."""
     size = np.array([width, height, width, height])
     return box.astype(np.float32) if ((-size <= box) & (box <= 2 * size)).all() else None
 

@@ -169,7 +169,7 @@ def test_stored_crops_stand_in_for_unreachable_videos(tmp_path):
 
 
 def test_a_crafted_shards_boxes_and_scores_are_shown_as_data_never_followed(extraction, tmp_path):
-    """Boxes far outside the frame (whose crop would take minutes, or crash the crop), not numbers, or
+    """Boxes far outside the frame (where no detector's box lies), not numbers, or
     inverted; scores that are not numbers: the page says so and shows the rest."""
     video = extraction.parents[1] / "videos" / "0.mp4"  # the clip "face": 4 frames at 5 fps
     clip = clip_of("crafted", "happy", np.ones(4, bool), np.ones((4, 128), np.float32), np.ones((4, 64), np.float32))
