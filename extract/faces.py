@@ -43,6 +43,11 @@ NO_FACE_GAIN = -6.0
 # face further from its size on keyframes shifts its box.
 TRACK_REGION_SCALE = 2.5
 TRACK_REGION_SIZE = 192
+# roi_align's adaptive sampling takes side/size points per output pixel and axis, so a square a
+# hundred times the frame (which a detector could return on an odd video) ran out of memory, and
+# larger ones hung or crashed the process. Sampling is capped at what a square this many times
+# the frame's longer side takes; no square of a real face comes near it.
+MAX_SQUARE_PER_FRAME_SIDE = 4
 
 
 def detect_downscaled(detector: RetinaFaceDetector, frames: torch.Tensor) -> list[FaceDetections]:
@@ -227,12 +232,6 @@ def _cut_square(frame: torch.Tensor, square: np.ndarray, size: int) -> torch.Ten
     roi = torch.tensor([[0.0, square[0] - x0, square[1] - y0, square[2] - x0, square[3] - y0]], device=frame.device)
     return torchvision.ops.roi_align(region, roi, output_size=size, sampling_ratio=_samples_per_bin(square, frame, size),
                                      aligned=True)
-
-
-# roi_align's adaptive sampling takes side/size points per output pixel and axis: a square a
-# hundred times the frame (which a detector could return on an odd video) took hours, and
-# one of a million pixels crashed the process. No square of a real face comes near this.
-MAX_SQUARE_PER_FRAME_SIDE = 4
 
 
 def _samples_per_bin(square: np.ndarray, frame: torch.Tensor, size: int) -> int:

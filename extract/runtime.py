@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-
 # glibc's malloc hands a freed block back to the OS once it is above its mmap threshold, or
 # once the free space at the heap's top is above its trim threshold; the next network call
 # then maps its activations afresh and the kernel zeroes every page again. Its thresholds
@@ -140,4 +139,3 @@ def with_batch_norms_folded(model: nn.Module) -> nn.Module:
 
 def as_channels_last(batch: torch.Tensor) -> torch.Tensor:
     return batch.contiguous(memory_format=torch.channels_last)
-
