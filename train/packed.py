@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def cache_key(features: FeatureSet) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-_HELD: dict[Path, object] = {}  # folder -> this process's open handle on its IN_USE_FILE
+_HELD: dict[Path, TextIO] = {}  # folder -> this process's open handle on its IN_USE_FILE
 
 
 def hold_in_use(folder: Path) -> None:
