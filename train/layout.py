@@ -7,6 +7,7 @@ A training run (`train`, and each run of `compare`):
   features.json   the attributes of the features it was trained on
   epochs.csv      loss, mAP and accuracy of every epoch
   best.pt         the weights of the epoch with the best val mAP, and what they need to load
+  last.pt         while the run is unfinished, its state after the latest epoch (train/resume.py)
   metrics.json    the best epoch's val metrics, written last: the run is finished
 An ensemble (`ensemble`) holds ensemble.json, features.json and metrics.json. `evaluate`
 writes metrics.json, predictions.csv and confusion.png into the run's eval-SPLIT/.
@@ -20,11 +21,12 @@ CONFIG_FILE = "config.json"
 FEATURES_FILE = "features.json"
 EPOCHS_FILE = "epochs.csv"
 CHECKPOINT = "best.pt"
+LAST_STATE = "last.pt"
 METRICS_FILE = "metrics.json"
 # A run or an ensemble is finished once its metrics are written, which is done last.
 COMPLETE_MARK = METRICS_FILE
 ENSEMBLE_FILE = "ensemble.json"
-RUN_FILES = (CONFIG_FILE, FEATURES_FILE, EPOCHS_FILE, CHECKPOINT, COMPLETE_MARK)
+RUN_FILES = (CONFIG_FILE, FEATURES_FILE, EPOCHS_FILE, CHECKPOINT, LAST_STATE, COMPLETE_MARK)
 ENSEMBLE_FILES = (ENSEMBLE_FILE, FEATURES_FILE, COMPLETE_MARK)
 EVAL_PREFIX = "eval-"
 PREDICTIONS_FILE = "predictions.csv"

@@ -2,7 +2,8 @@
 
 A run folder holds everything needed to trust and reuse it: its settings, the attributes of
 the features it learnt from (evaluation refuses features that differ), every epoch's scores,
-the best epoch's weights and metrics (train/layout.py names the files).
+the best epoch's weights and metrics (train/layout.py names the files). An interrupted run of
+the same settings resumes after its latest epoch (train/resume.py).
 
 An ensemble folder (train/ensemble.py) holds ensemble.json instead of config.json, epochs.csv
 and best.pt; `load_run` gives it as one model, so it is evaluated and used like a run.
@@ -34,10 +35,11 @@ from train.config import TRAINABLE_MODELS, UNLABELLED, TrainConfig
 from train.data import ClipDataset, make_loader, preloaded
 from train.layout import (
     CHECKPOINT, COMPLETE_MARK, CONFIG_FILE, CONFUSION_FILE, ENSEMBLE_FILE, EPOCHS_FILE, EVAL_PREFIX, FEATURES_FILE,
-    METRICS_FILE, PREDICTIONS_FILE, RUN_FILES, evaluation_folder,
+    LAST_STATE, METRICS_FILE, PREDICTIONS_FILE, RUN_FILES, evaluation_folder,
 )
 from train.metrics import Metrics, compute_metrics, plot_confusion, write_predictions
 from train.models import WeightedEnsemble, build_model, paper_parameter_count, parameter_counts
+from train.resume import Progress, read_state, restore, save_state
 
 logger = logging.getLogger(__name__)
 ENSEMBLE_MODEL = "ensemble"
@@ -195,7 +197,8 @@ def read_json_object(path: Path) -> dict | None:
 
 def _check_run_folder(folder: Path, config: TrainConfig, overwrite: bool) -> None:
     """A run folder to train into must be new, empty, or an unfinished run of the same settings
-    (which starts over); with `overwrite`, any folder (the run's own files in it are replaced)."""
+    (which resumes, or starts over); with `overwrite`, any folder (the run's own files in it are
+    replaced)."""
     check_output_folder(folder, "train", overwrite, writes_into_run)
     if not overwrite:
         if (folder / COMPLETE_MARK).exists():
@@ -209,11 +212,11 @@ def _check_run_folder(folder: Path, config: TrainConfig, overwrite: bool) -> Non
                                  " choose another --out, or pass --overwrite to replace it")
 
 
-def _start_run_folder(folder: Path) -> None:
+def _start_run_folder(folder: Path, resuming: bool) -> None:
     """Create the checked run folder; it is not finished until this training writes its own
-    metrics, and an interrupted run's results start over."""
+    metrics. A run that does not resume starts over from no results."""
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in (COMPLETE_MARK, EPOCHS_FILE, CHECKPOINT):
+    for leftover in (COMPLETE_MARK, EPOCHS_FILE) if resuming else (COMPLETE_MARK, EPOCHS_FILE, CHECKPOINT, LAST_STATE):
         (folder / leftover).unlink(missing_ok=True)
 
 
@@ -222,7 +225,8 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     """Train `config.model`; returns the best epoch's validation metrics.
 
     The run folder must be new, empty or an unfinished run of the same settings, unless
-    `overwrite` (see `_check_run_folder`).
+    `overwrite` (see `_check_run_folder`); an unfinished one resumes after its latest epoch
+    when its saved state fits, and starts over otherwise.
     """
     device = resolve_device(config.device)
     precision = training_precision(device, config.precision)
@@ -256,14 +260,22 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     folder = config.run_folder
-    _start_run_folder(folder)
+    state, problem = (None, None) if overwrite else read_state(folder / LAST_STATE, config, model, optimiser,
+                                                               precision.scaler)
+    if problem:
+        log(f"{folder}: not resumed from {LAST_STATE} ({problem}); the run starts over")
+    _start_run_folder(folder, resuming=state is not None)
     write_json(folder / CONFIG_FILE, config.to_json())
     write_json(folder / FEATURES_FILE, train_set.attrs)
-    best: Metrics | None = None
+    reached = Progress(rows=[])
+    if state is not None:
+        reached = restore(state, model, optimiser, precision.scaler, train_loader.generator)
+        log(f"{folder}: resuming after epoch {reached.epoch} of {config.epochs}")
+    best = reached.best
     with open(folder / EPOCHS_FILE, "w", newline="") as log_file:
         writer = csv.writer(log_file)
-        writer.writerow(["epoch", "train_loss", "val_map", "val_accuracy", "data_seconds", "seconds"])
-        for epoch in range(1, config.epochs + 1):
+        writer.writerows([["epoch", "train_loss", "val_map", "val_accuracy", "data_seconds", "seconds"], *reached.rows])
+        for epoch in range(reached.epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             label = f"{config.model} epoch {epoch}/{config.epochs}"
             with tqdm(total=len(train_loader), desc=label, unit="batch", disable=not progress) as bar:
@@ -276,8 +288,9 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
                 metrics = labelled_metrics(labels, probabilities, classes)
                 bar.set_postfix(loss=f"{loss:.4f}", val_map=f"{metrics.map:.4f}")
             seconds = time.perf_counter() - started
-            writer.writerow([epoch, f"{loss:.6f}", f"{metrics.map:.6f}", f"{metrics.accuracy:.6f}",
-                             f"{waiting:.3f}", f"{seconds:.3f}"])
+            row = [str(epoch), f"{loss:.6f}", f"{metrics.map:.6f}", f"{metrics.accuracy:.6f}", f"{waiting:.3f}",
+                   f"{seconds:.3f}"]
+            writer.writerow(row)
             log_file.flush()
             logger.info("%s epoch %d/%d: loss %.4f, val mAP %.4f, accuracy %.4f; %.1f s (%.1f s waiting for data)",
                         config.model, epoch, config.epochs, loss, metrics.map, metrics.accuracy, seconds, waiting)
@@ -287,7 +300,12 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
                 checkpoint = {"model": model.state_dict(), "config": config.to_json(), "classes": classes,
                               "attrs": train_set.attrs, "epoch": epoch}
                 write_atomically(folder / CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
+            reached = Progress(epoch, [*reached.rows, row], best, epoch if best is metrics else reached.best_epoch)
+            if epoch < config.epochs:
+                save_state(folder / LAST_STATE, config, model, optimiser, precision.scaler, train_loader.generator,
+                           reached)
     write_json(folder / COMPLETE_MARK, {**best.to_json(), "split": config.val_split})
+    (folder / LAST_STATE).unlink(missing_ok=True)
     return best
 
 
