@@ -127,6 +127,12 @@ DAMAGES = {
     "generator states that are not": lambda folder: crafted(
         folder, lambda state: state["rng"].update(torch=torch.zeros(4, dtype=torch.uint8))),
     "rows missing": lambda folder: crafted(folder, lambda state: state["rows"].pop()),
+    # Tensors where plain values belong: comparing or writing them would fail mid-run.
+    "a tensor among the settings": lambda folder: crafted(folder, lambda state: state["config"].update(lr=torch.ones(3))),
+    "a tensor among Adam's settings": lambda folder: crafted(
+        folder, lambda state: state["optimiser"]["param_groups"][0].update(lr=torch.ones(3))),
+    "a tensor among the best metrics": lambda folder: crafted(
+        folder, lambda state: state["best"].update(per_class_ap=torch.ones(3))),
     # Stopped after a better epoch's best.pt was written and before its state was.
     "a best.pt of an epoch it does not know": lambda folder: torch.save(
         {**weights(folder), "epoch": STOP_AFTER + 1}, folder / CHECKPOINT),

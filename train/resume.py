@@ -14,6 +14,7 @@ does not is reported in one line and the run starts over.
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -91,7 +92,7 @@ def state_problem(state, config: TrainConfig, model: nn.Module, optimiser: torch
     """What keeps `state` from resuming this run, or None."""
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         return f"not a saved training state (it needs {', '.join(STATE_KEYS)})"
-    if not isinstance(state["config"], dict) or config.differences(state["config"]):
+    if not (isinstance(state["config"], dict) and plain(state["config"])) or config.differences(state["config"]):
         return "saved by a run of other settings"
     epoch = state["epoch"]
     if type(epoch) is not int or not 1 <= epoch < config.epochs:
@@ -106,9 +107,23 @@ def state_problem(state, config: TrainConfig, model: nn.Module, optimiser: torch
             or scaler_problem(state["scaler"], scaler) or rng_problem(state["rng"]))
 
 
+def plain(value) -> bool:
+    """Whether `value` is made of plain values only (what JSON holds), so comparing or writing it
+    can do nothing unexpected: a crafted file's tensor in their place would."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def same_plain(a, b) -> bool:
+    return plain(a) and plain(b) and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def metrics_of(saved) -> Metrics | None:
-    names = [field.name for field in fields(Metrics)]
-    if not isinstance(saved, dict) or sorted(saved) != sorted(names):
+    """The metrics a state saved (written to metrics.json when the run ends), or None."""
+    if not (isinstance(saved, dict) and plain(saved) and set(saved) == {field.name for field in fields(Metrics)}):
         return None
     if not all(isinstance(saved[name], (int, float)) and not isinstance(saved[name], bool) for name in ("map", "accuracy")):
         return None
@@ -126,13 +141,10 @@ def weights_problem(weights, model: nn.Module) -> str | None:
 def optimiser_problem(saved, optimiser: torch.optim.Optimizer) -> str | None:
     """Adam's state must hold, per parameter, moments of that parameter's shape and a scalar step."""
     current = optimiser.state_dict()
-    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)
-            and len(saved["param_groups"]) == len(current["param_groups"])):
-        return "its optimiser state is not Adam's for this model"
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and same_plain(saved.get("param_groups"), current["param_groups"])):
+        return "its optimiser state is not Adam's for this model with these settings"
     shapes = dict(enumerate(parameter.shape for group in optimiser.param_groups for parameter in group["params"]))
-    for group, mine in zip(saved["param_groups"], current["param_groups"]):
-        if not isinstance(group, dict) or group.get("params") != mine["params"]:
-            return "its optimiser state is not Adam's for this model"
     for index, moments in saved["state"].items():
         if index not in shapes or not isinstance(moments, dict) or not all(isinstance(v, torch.Tensor) for v in moments.values()):
             return "its optimiser state is not Adam's for this model"
@@ -145,7 +157,7 @@ def optimiser_problem(saved, optimiser: torch.optim.Optimizer) -> str | None:
 
 def scaler_problem(saved, scaler: torch.amp.GradScaler) -> str | None:
     """float16 runs scale the loss and save the scaler's numbers; other runs save none."""
-    if not isinstance(saved, dict) or sorted(saved) != sorted(scaler.state_dict()) or not all(
+    if not isinstance(saved, dict) or set(saved) != set(scaler.state_dict()) or not all(
             isinstance(value, (int, float)) for value in saved.values()):
         return "its loss scaler state is not this run's"
     return None
