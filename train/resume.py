@@ -4,8 +4,10 @@ before use, restored so that an interrupted run resumes where it stopped.
 The state holds the weights, Adam's moments, the loss scaler, the random generators (torch's,
 which draws dropout and the random starts, and the training loader's, which draws the order
 of clips) and the epochs.csv rows so far. On the CPU with `--num-workers 0` (the default) a
-resumed run is bit for bit the run that was never interrupted; with loader workers, their
-random starts after the resumption differ from those the uninterrupted run would have drawn.
+resumed run is bit for bit the run that was never interrupted. Loader workers keep their own
+generators for the whole run and draw their seed from the loader's once, when first started:
+after a resumption with workers, the order of clips and the random starts differ from the
+uninterrupted run's (the run is as valid, not identical).
 
 Like every file of a run folder, last.pt is loaded without running code (tensors and plain
 values only) and must fit the model, optimiser and settings it is restored into; a state that
