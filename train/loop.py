@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import math
-import pickle
 import random
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from train.layout import (
 )
 from train.metrics import Metrics, compute_metrics, plot_confusion, write_predictions
 from train.models import WeightedEnsemble, build_model, paper_parameter_count, parameter_counts
-from train.resume import Progress, read_state, restore, save_state
+from train.resume import Progress, loaded, read_state, restore, save_state
 
 logger = logging.getLogger(__name__)
 ENSEMBLE_MODEL = "ensemble"
@@ -331,16 +330,8 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
     any object but tensors and plain values, so loading never runs code), then checked."""
     if not path.is_file():
         raise TrainError(f"{path.parent} has no {CHECKPOINT}: is it a finished training run?")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise TrainError(
-            f"{path}: not loaded: it is damaged, or holds Python objects besides tensors and plain values, which"
-            " loading could run as code (this toolkit never writes those); retrain the run"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise TrainError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); retrain the run") from None
-    problem = checkpoint_problem(checkpoint)
+    checkpoint, problem = loaded(path, device)
+    problem = problem or checkpoint_problem(checkpoint)
     if problem:
         raise TrainError(f"{path}: {problem}; retrain the run")
     return checkpoint

@@ -63,26 +63,30 @@ def read_state(path: Path, config: TrainConfig, model: nn.Module, optimiser: tor
     if not path.is_file():
         return None, None
     state, problem = loaded(path)
-    problem = problem or state_problem(state, config, model, optimiser, scaler)
+    problem = f"{path.name} {problem}" if problem else state_problem(state, config, model, optimiser, scaler)
     if problem is None:
         # best.pt is written before last.pt: a run stopped between the two has a best.pt of an
         # epoch the state does not know, which resuming could leave in place of the best one.
         best, problem = loaded(path.parent / CHECKPOINT)
+        problem = problem and f"{CHECKPOINT} {problem}"
         if problem is None and (not isinstance(best, dict) or best.get("epoch") != state["best_epoch"]):
             problem = f"{CHECKPOINT} is not the checkpoint of the best epoch it saved ({state['best_epoch']})"
     return (None, problem) if problem else (state, None)
 
 
-def loaded(path: Path) -> tuple[object, str | None]:
-    """A file saved by torch.save, loaded without running code: (contents, None) or (None, why)."""
+def loaded(path: Path, device: torch.device | str = "cpu") -> tuple[object, str | None]:
+    """A file of a run folder saved by torch.save (last.pt, best.pt), loaded with torch's
+    weights-only unpickler, which refuses any object but tensors and plain values, so loading
+    never runs code: (contents, None), or (None, what is wrong with the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
+        return torch.load(path, map_location=device, weights_only=True), None
     except FileNotFoundError:
-        return None, f"{path.name} is missing"
+        return None, "is missing"
     except pickle.UnpicklingError:
-        return None, f"{path.name} not loaded: it is damaged, or holds Python objects besides tensors and plain values"
+        return None, ("not loaded: it is damaged, or holds Python objects besides tensors and plain values, which"
+                      " loading could run as code (this toolkit never writes those)")
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        return None, f"{path.name} not readable ({first_sentence(str(exc)) or type(exc).__name__})"
+        return None, f"not readable ({first_sentence(str(exc)) or type(exc).__name__})"
 
 
 def first_sentence(text: str) -> str:
