@@ -14,7 +14,7 @@ import torch
 from tests.cli_runs import run_cli
 from tests.feature_files import write_planted_set
 from train import loop
-from train.config import TrainConfig
+from train.config import TRAINABLE_MODELS, TrainConfig
 from train.layout import CHECKPOINT, COMPLETE_MARK, EPOCHS_FILE, LAST_STATE
 from train.loop import train_model
 
@@ -88,11 +88,26 @@ def test_an_interrupted_run_resumes_after_its_latest_epoch_bit_for_bit(signal, u
     assert not (folder / LAST_STATE).exists() and not (uninterrupted / LAST_STATE).exists(), "a finished run keeps none"
 
 
+@pytest.mark.parametrize("model", [name for name in TRAINABLE_MODELS if name != "caca"])
+def test_every_other_model_resumes_bit_for_bit(signal, tmp_path, model, monkeypatch):
+    """Their own state included: c3d's batch-norm statistics, each stream's encoder."""
+    whole, cut = (config_for(signal, tmp_path / name, model) for name in ("whole", "cut"))
+    train_model(whole, progress=False, log=lambda line: None)
+    interrupted(cut, monkeypatch)
+    said = []
+    train_model(cut, progress=False, log=said.append)
+    assert f"{cut.run_folder}: resuming after epoch {STOP_AFTER} of {EPOCHS}" in said
+    assert scores(cut.run_folder) == scores(whole.run_folder)
+    resumed, uninterrupted_weights = weights(cut.run_folder)["model"], weights(whole.run_folder)["model"]
+    assert all(torch.equal(resumed[name], uninterrupted_weights[name]) for name in uninterrupted_weights)
+
+
 def test_the_cli_resumes_and_says_so(signal, uninterrupted, stopped, tmp_path):
     folder = shutil.copytree(stopped, tmp_path / "run")
-    status, _, stderr = run_cli("train", "--model", "caca", "--features", signal, "--out", folder, "--epochs", EPOCHS,
-                                "--lr", 1e-3, "--batch-size", 16, "--seed", 5, "--device", "cpu")
+    status, stdout, stderr = run_cli("train", "--model", "caca", "--features", signal, "--out", folder, "--epochs",
+                                     EPOCHS, "--lr", 1e-3, "--batch-size", 16, "--seed", 5, "--device", "cpu")
     assert status == 0, stderr
+    assert f"{folder}: resuming after epoch {STOP_AFTER} of {EPOCHS}" in stdout + stderr
     assert scores(folder) == scores(uninterrupted)
 
 
