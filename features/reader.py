@@ -8,6 +8,11 @@ and clip tables: an entry's table is used only when the content hash the writer 
 the shard vouches for it, else the shard's own table is read (a missing, stale or edited
 index costs time, never correctness).
 
+A process never parses a shard before a helper process has (`features/look.py`): HDF5 can
+hang or crash on a crafted file, and only a process of its own can be stopped or lost then.
+So `examine_shard` runs in the helper (`looked_shard`), and this process afterwards reads
+only the arrays, from the very file the helper parsed (`open_looked`).
+
 `FeatureSet` opens no HDF5 handle until the first clip is read, and a process that did not
 open a handle never uses it (it checks `os.getpid()`), so a set can be handed to forked or
 spawned PyTorch DataLoader workers.
@@ -19,16 +24,16 @@ import json
 import logging
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import h5py
 import numpy as np
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 
 from outputs import write_atomically
+from features import look
 from features.schema import (
     BUILT_IN_FILTERS,
     CHUNK_BYTES,
@@ -73,10 +78,28 @@ class ShardInfo:
     mtime_ns: int
     attrs: dict
     table: dict[str, list]  # the clip table, column -> values
+    # The file that was checked (`file_identity`); None for an index's entry, not checked yet.
+    identity: tuple | None = None
 
     @property
     def n_frames(self) -> int:
         return sum(self.table["length"])
+
+    def to_json(self) -> dict:
+        """As the look's helper sends it (`looked_shard`): plain JSON values, the path as text."""
+        return {"path": os.fsdecode(self.path), "size": self.size, "mtime_ns": self.mtime_ns, "attrs": self.attrs,
+                "table": self.table, "identity": self.identity}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardInfo":
+        identity = data["identity"]
+        return cls(Path(data["path"]), data["size"], data["mtime_ns"], data["attrs"], data["table"],
+                   None if identity is None else tuple(identity))
+
+
+def file_identity(stat: os.stat_result) -> tuple:
+    """A file as it is now: any change to it gives it a new ctime, which no user can set."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def absolute(path) -> Path:
@@ -114,13 +137,20 @@ def stored_has_face(dataset: h5py.Dataset) -> np.ndarray:
     return rows
 
 
-@contextmanager
-def open_shard(path: Path) -> Iterator[h5py.File]:
-    handle = open_shard_file(path)
+def open_looked(shard: ShardInfo) -> h5py.File:
+    """A checked shard (`read_shard_info`), opened to read its arrays: the very file the look parsed, else
+    FeatureFileError (this process never parses a file the helper has not)."""
+    changed = FeatureFileError(f"{shard.path}: changed since the set was opened; open the set again")
     try:
-        yield handle
-    finally:
+        if file_identity(shard.path.stat()) != shard.identity:
+            raise changed
+    except FileNotFoundError:
+        raise FeatureFileError(f"{shard.path}: no such shard (moved or deleted since the set was opened?)") from None
+    handle = open_shard_file(shard.path)
+    if file_identity(os.fstat(handle.id.get_vfd_handle())) != shard.identity:  # replaced between the two
         handle.close()
+        raise changed
+    return handle
 
 
 def stored_value(attr: h5a.AttrID):
@@ -272,7 +302,7 @@ def vouched_for(entry: ShardInfo | None, attrs: dict, clips: int) -> bool:
 
 def checked_shard(handle: h5py.File, path: Path, entry: ShardInfo | None) -> tuple[ShardInfo | None, list[str]]:
     """`examine_shard` on an open shard; the problems do not name the file."""
-    stat = path.stat()
+    stat = os.fstat(handle.id.get_vfd_handle())  # the file parsed, even if another has taken its name since
     try:
         attrs = stored_attrs(handle)
     except FILE_ERRORS as exc:
@@ -293,11 +323,13 @@ def checked_shard(handle: h5py.File, path: Path, entry: ShardInfo | None) -> tup
     if not (problems or from_index or stored is None or content_sha256(attrs, table) == stored):
         problems = [f"{CONTENT_SHA256} does not match the attributes and clip table: the shard was changed after it"
                     " was written (re-extract it, or delete that attribute to accept the change)"]
-    return ShardInfo(path, stat.st_size, stat.st_mtime_ns, attrs, table), problems
+    return ShardInfo(path, stat.st_size, stat.st_mtime_ns, attrs, table, file_identity(stat)), problems
 
 
 def examine_shard(path: Path, entry: ShardInfo | None = None) -> tuple[ShardInfo | None, list[str]]:
     """A shard checked before anything is allocated from what it states; every problem found, one line each naming it.
+
+    Runs in the look's helper process only (`looked_shard`): it is the first parse of a file.
 
     Stage by stage, stopping after the first with problems (the next would read what that one
     did not vouch for): the attributes; the /frames datasets; the clip table, taken from
@@ -305,13 +337,35 @@ def examine_shard(path: Path, entry: ShardInfo | None = None) -> tuple[ShardInfo
     shard and checked against that hash. The ShardInfo is None when anything is wrong.
     """
     try:
-        with open_shard(path) as handle:
+        with open_shard_file(path) as handle:
             shard, problems = checked_shard(handle, path, entry)
     except FeatureFileError as exc:
         return None, [str(exc)]
     except FILE_ERRORS as exc:
         return None, [f"{path}: unreadable ({exc}); the file is damaged"]
     return (None if problems else shard), [f"{path}: {problem}" for problem in problems]
+
+
+def looked_shard(path: Path, entry: ShardInfo | None = None) -> tuple[ShardInfo | None, list[str]]:
+    """`examine_shard`, run in the look's helper process (`features/look.py`), where a hang or a crash of HDF5
+    cannot take this process with it; a look that hangs, crashes or runs out of memory is the one problem."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return None, [f"{path}: cannot be read ({exc.strerror})"]
+    request = {"path": os.fsdecode(path), "entry": None if entry is None else entry.to_json()}
+    try:
+        reply = look.ask(request, size)
+    except look.LookFailed as exc:
+        return None, [f"{path}: refused: {exc}; the file is damaged or crafted"]
+    return (None if reply["shard"] is None else ShardInfo.from_json(reply["shard"])), reply["problems"]
+
+
+def looked_at(request: dict) -> dict:
+    """The helper's side of `looked_shard`."""
+    entry = None if request["entry"] is None else ShardInfo.from_json(request["entry"])
+    shard, problems = examine_shard(Path(request["path"]), entry)
+    return {"shard": None if shard is None else shard.to_json(), "problems": problems}
 
 
 # Shards this process has checked, by the identity of their file and the index entry offered
@@ -322,7 +376,7 @@ _CHECKED: dict[tuple, ShardInfo] = {}
 
 
 def read_shard_info(path: Path, entry: ShardInfo | None = None) -> ShardInfo:
-    """A shard's attributes and clip table (`examine_shard`); FeatureFileError naming it and its first problem."""
+    """A shard's attributes and clip table (`looked_shard`); FeatureFileError naming it and its first problem."""
     try:
         stat = path.stat()
     except OSError as exc:
@@ -331,9 +385,9 @@ def read_shard_info(path: Path, entry: ShardInfo | None = None) -> ShardInfo:
         offered = None if entry is None else content_sha256(entry.attrs, entry.table)
     except FILE_ERRORS:
         offered = "unhashable"
-    identity = (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, offered)
+    identity = (path, *file_identity(stat), offered)
     if identity not in _CHECKED:
-        shard, problems = examine_shard(path, entry)
+        shard, problems = looked_shard(path, entry)
         if problems:
             raise FeatureFileError(problems[0])
         _CHECKED[identity] = shard
@@ -640,7 +694,7 @@ class FeatureSet:
             self._pid = os.getpid()
         if number not in self._handles:
             shard = self.shards[number]
-            handle = open_shard_file(shard.path)
+            handle = open_looked(shard)
             try:
                 self._handles[number] = (handle, frame_datasets(handle, shard))
             except BaseException:

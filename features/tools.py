@@ -22,13 +22,13 @@ from features.reader import (
     absolute,
     catalogue,
     check_set,
-    examine_shard,
     folder_shards,
     frame_datasets,
     indexed_shards,
     load_index,
+    looked_shard,
     open_features,
-    open_shard,
+    open_looked,
     read_shard_info,
     save_index,
     set_folders,
@@ -111,7 +111,7 @@ def describe(value) -> str:
 def stored_facts(shard: ShardInfo) -> tuple[int, str]:
     """A shard's frames with a face and how its per-frame arrays are stored (the writer gives all
     of them the same filters), from one opening of the file."""
-    with open_shard(shard.path) as handle:
+    with open_looked(shard) as handle:
         datasets = frame_datasets(handle, shard)
         try:
             with_face = int(np.count_nonzero(stored_has_face(datasets["has_face"])))
@@ -209,7 +209,7 @@ def shards_problems(paths: list[Path], progress: bool = False) -> tuple[list[str
     """Problems of each shard and of the shards as one set; also the shards that could be read."""
     problems, shards = [], []
     for path in tqdm(paths, unit="shard", desc="validate", disable=not progress):
-        shard, found = examine_shard(path)
+        shard, found = looked_shard(path)
         if shard is not None:
             found = clip_problems(shard)
             shards.append(shard)
@@ -223,7 +223,7 @@ def clip_problems(shard: ShardInfo) -> list[str]:
     """Per clip of a checked shard: finite values, increasing timestamps, the no-face policy."""
     problems = []
     try:
-        with open_shard(shard.path) as handle:
+        with open_looked(shard) as handle:
             datasets = frame_datasets(handle, shard)
             rows = block_rows(datasets)
             for clip_id, start, length in zip(shard.table["clip_id"], shard.table["start"], shard.table["length"]):

@@ -4,6 +4,7 @@ frozen networks built from them."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from extract.context_cnn import ContextCNN
 from extract.embed import Networks
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
+from tests.feature_files import DAMAGED_CONTEXT_DIM, write_planted_set
 from train.packed import CACHE_ENV
 
 
@@ -55,3 +57,16 @@ def networks(weight_path):
         FaceCNN(weight_path("mini-xception-fer2013"), device="cpu"),
         ContextCNN("mobilenet_v2", weights_path=weight_path("mobilenetv2-imagenet"), device="cpu"),
     )
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A valid set for the hostile tests to damage: train/ and val/, 8 clips each, one shard and an index each."""
+    return write_planted_set(tmp_path_factory.mktemp("pristine"), "both", {"train": 8, "val": 8},
+                             context_dim=DAMAGED_CONTEXT_DIM)
+
+
+@pytest.fixture
+def root(pristine, tmp_path) -> Path:
+    """A fresh copy of `pristine`."""
+    return shutil.copytree(pristine, tmp_path / "set")

@@ -25,6 +25,9 @@ from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
 
 
+DAMAGED_CONTEXT_DIM = 16  # the small sets that the hostile tests damage (conftest.py's `pristine`)
+
+
 def extractor_attrs(**changes) -> dict:
     attrs = dict(
         split="train",

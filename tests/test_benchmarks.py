@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from benchmarks import gpu_check, paper_scale
+from benchmarks import gpu_check, open_benchmark, paper_scale
 from features.reader import open_features
 from train.config import MODEL_NAMES
 from train.packed import CACHE_ENV as STEPS_CACHE_ENV
@@ -112,3 +112,17 @@ def test_gpu_check_cpu_path_prints_every_figure_and_cpu_float32_agrees_with_itse
                      r" waiting for data [\d.]+ s = [\d.]+% \(target <= 5%: (met|NOT met)\);"
                      r" GPU memory - \(not a GPU\)", out)
     assert "failed" not in out
+
+
+def test_open_benchmark_opens_its_set_both_ways_in_fresh_processes_and_prints_each_figure(tmp_path, capsys):
+    folder = tmp_path / "open"
+    open_benchmark.ensure_set(folder, 2, 3)
+    open_benchmark.ensure_set(folder, 2, 3)  # reused
+    figures = open_benchmark.measure(folder, 1)
+    assert {way: [figure["clips"] for figure in found] for way, found in figures.items()} == {
+        "in-process": [6], "look": [6]}
+    open_benchmark.report(figures, "with its index")
+    out = capsys.readouterr().out
+    for way in open_benchmark.WAYS:
+        assert re.search(rf"  with its index, {way} *: first open \d+ ms \(\d+-\d+\), second open \d+ ms", out)
+    assert re.search(r"the look adds -?\d+ ms to a command's first open \(target <= 1 s\): (met|NOT met)", out)

@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +27,11 @@ from cli import EXIT_ERROR
 from features.reader import open_features, write_index
 from features.schema import INDEX_NAME, FeatureFileError, content_sha256, shard_name
 from features.writer import WRITER_LOCK_FILE, ShardWriter, only_writer
-from features import writer
+from features import look, writer
 from features.tools import merge, validate
 from tests.cli_runs import one_line_error, run_cli
-from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
+from tests.feature_files import DAMAGED_CONTEXT_DIM as CONTEXT_DIM, extractor_attrs, planted_clip, write_planted_set
 
-CONTEXT_DIM = 16
 SHARD = f"train/{shard_name(0)}"
 
 
@@ -43,18 +43,6 @@ def problem_lines(stderr: str) -> list[str]:
 def train_args(root: Path, out: Path) -> tuple:
     return ("train", "--model", "concat", "--features", root, "--out", out, "--epochs", 1, "--batch-size", 8,
             "--device", "cpu")
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return write_planted_set(tmp_path_factory.mktemp("pristine"), "both", {"train": 8, "val": 8},
-                             context_dim=CONTEXT_DIM)
-
-
-@pytest.fixture
-def root(pristine, tmp_path) -> Path:
-    """A fresh copy of a valid set: train/ and val/, one shard and an index each."""
-    return shutil.copytree(pristine, tmp_path / "set")
 
 
 def edit_index(folder: Path, change) -> None:
@@ -355,6 +343,7 @@ FUZZ_CASES = 300
 FUZZ_SEED = 20261201
 FUZZ_RUN_SECONDS = 20
 FUZZ_SECONDS = 300  # the whole loop: about 15 s on an idle 2-core machine
+FUZZ_LOOK_SECONDS = 0.5  # the look's limit (features/look.py) on these tiny shards
 LOGGED = "WARNING "  # lines a run may log before its result or error
 LOG_FORMAT = f"{LOGGED}%(name)s: %(message)s"
 # Once every library is loaded and warmed up, the child's address space may grow by this many
@@ -362,7 +351,8 @@ LOG_FORMAT = f"{LOGGED}%(name)s: %(message)s"
 # allowance for a training run (measured: 300 cases grew it by 16 MiB at most).
 FUZZ_BUDGET_PER_SHARD_BYTE = 64
 FUZZ_TRAINING_ALLOWANCE = 64 << 20
-FAILED_ALLOCATION = ("MemoryError", "memory allocation failed", "Cannot allocate memory", "unable to allocate")
+# The look's helper is held to the same budget; its refusal for memory counts as a failed allocation.
+FAILED_ALLOCATION = (*look.ALLOCATION_FAILED, "MemoryError", "MiB of memory")
 
 
 def test_random_damage_to_a_shard_or_its_index_ends_in_one_line_in_bounded_time_and_memory(tmp_path):
@@ -385,6 +375,7 @@ def test_random_damage_to_a_shard_or_its_index_ends_in_one_line_in_bounded_time_
     wrong = [run for run in runs if not ends_well(run, tmp_path)]
     assert not wrong, json.dumps(wrong[:5], indent=1)
     assert {run["status"] for run in runs} == {0, 1}  # the damage reaches both outcomes
+    assert any("did not finish parsing" in line for run in runs for line in run["stderr"])  # and HDF5's loop
 
 
 def ends_well(run: dict, work: Path) -> bool:
@@ -405,7 +396,7 @@ class RunTimedOut(BaseException):
 def fuzz_mutation(rng, train: Path) -> str:
     """Damage train/'s shard or index in one random way; returns what was done."""
     shard, index = train / shard_name(0), train / INDEX_NAME
-    kind = rng.choice(["truncate", "flip", "flip-metadata", "attribute", "dataset", "index"])
+    kind = rng.choice(["truncate", "flip", "flip-metadata", "heap", "attribute", "dataset", "index"])
     if kind == "truncate":
         size = rng.randrange(shard.stat().st_size)
         os.truncate(shard, size)
@@ -419,6 +410,8 @@ def fuzz_mutation(rng, train: Path) -> str:
             data[place] ^= 1 << rng.randrange(8)
         shard.write_bytes(data)
         return f"{kind} bits at {places}"
+    if kind == "heap":
+        return damage_global_heap(rng, shard)
     if kind == "index":
         return edit_index_randomly(rng, index)
     with h5py.File(shard, "r+") as handle:
@@ -426,6 +419,25 @@ def fuzz_mutation(rng, train: Path) -> str:
         if rng.random() < 0.5 and "content_sha256" in handle.attrs:
             del handle.attrs["content_sha256"]  # as if older than the hash, so the damage meets the checks past it
             done += ", hash removed"
+    return done
+
+
+def damage_global_heap(rng, shard: Path) -> str:
+    """Damage the block of the shard's variable-length strings (attributes, the clip table's strings): a few random
+    bytes, or 16 zero bytes, which make HDF5 2.0.0 loop when they land on an object's header."""
+    data = bytearray(shard.read_bytes())
+    collection = data.find(b"GCOL")
+    end = min(len(data), collection + struct.unpack_from("<Q", data, collection + 8)[0])
+    place = rng.randrange(collection + 16, end - 16)
+    if rng.random() < 0.5:
+        data[place : place + 16] = bytes(16)
+        done = f"heap: 16 zero bytes at {place}"
+    else:
+        places = [rng.randrange(collection, end) for _ in range(rng.randint(1, 4))]
+        for place in places:
+            data[place] = rng.randrange(256)
+        done = f"heap: random bytes at {places}"
+    shard.write_bytes(data)
     return done
 
 
@@ -526,6 +538,8 @@ def fuzz_child(workdir: str, cases: int, seed: int, budget_per_shard_byte: int, 
         shutil.rmtree(base / "run", ignore_errors=True)
     shard_bytes = (base / SHARD).stat().st_size
     limit = virtual_size() + budget_per_shard_byte * shard_bytes + training_allowance
+    look.LOOK_SECONDS, look.LOOK_MEMORY_BYTES, look.LOOK_MEMORY_PER_BYTE = (
+        FUZZ_LOOK_SECONDS, training_allowance, budget_per_shard_byte)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     print(json.dumps({"shard_bytes": shard_bytes, "limit": limit}), flush=True)
 
