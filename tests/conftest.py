@@ -1,5 +1,5 @@
-"""Shared fixtures: verified real weights, fetched through the project's own registry, and the
-frozen networks built from them."""
+"""Shared fixtures and helpers: verified real weights, fetched through the project's own registry, the
+frozen networks built from them, and a log that keeps runs quiet."""
 
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
 from tests.feature_files import DAMAGED_CONTEXT_DIM, write_planted_set
 from train.packed import CACHE_ENV
+
+# What every extraction with the tests' settings loads (the README lists them as the tests' needs).
+EXTRACTION_WEIGHTS = ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet")
+
+
+def quiet(line: str) -> None:
+    """A `log` that drops every line: tests check what a run did, not what it says along the way."""
+
+
+# For the runs that take both a progress bar and a log (extract_split, train_model).
+QUIET = dict(progress=False, log=quiet)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,11 +53,17 @@ def weight_path():
 
     def get(name: str) -> Path:
         try:
-            return weights.fetch(name, log=lambda line: None)
+            return weights.fetch(name, log=quiet)
         except weights.WeightsError as exc:
             pytest.fail(f"test needs weight '{name}': {exc}")
 
     return get
+
+
+@pytest.fixture(scope="session")
+def extraction_weights(weight_path) -> dict[str, Path]:
+    """EXTRACTION_WEIGHTS in the user's cache, where the CLI and `extract_split` look: name -> verified file."""
+    return {name: weight_path(name) for name in EXTRACTION_WEIGHTS}
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,8 @@ from features.tools import validate
 from manifests.manifest import ClipEntry, write_manifest
 from predict.predict import settings_from_run
 from tests.cli_runs import one_line_error, run_cli
+from tests.conftest import QUIET
 from tests.media import moving_face, photo, write_clip
-
-quiet = lambda line: None  # noqa: E731
 
 
 class Recording:
@@ -126,7 +125,7 @@ def manifest(clips, tmp_path_factory):
 def extract_with(manifest: Path, out: Path, every: int):
     settings = ExtractSettings("train", manifest=manifest, out=out, context_backbone="mobilenet_v2", device="cpu",
                                detect_every=every)
-    return extract_split(settings, progress=False, log=quiet)
+    return extract_split(settings, **QUIET)
 
 
 def test_detect_every_0_is_a_usage_error(manifest, tmp_path):

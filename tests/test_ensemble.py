@@ -21,12 +21,12 @@ from train.config import TrainConfig
 from train.loop import TrainError, load_run, model_inputs, split_probabilities, train_model
 from tests.cli_runs import run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
+from tests.conftest import QUIET, quiet
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 
 CPU = dict(device="cpu")
 # The motion is learned within a few epochs; more only cost time on busy test machines.
 FAST = dict(epochs=6, lr=1e-3, batch_size=16, **CPU)
-QUIET = dict(progress=False, log=lambda line: None)
 # The weights' grid and objective as train/ensemble.py documents them: multiples of 0.05 summing
 # to 1; the highest mAP, then accuracy, then the least L1 distance to equal weights.
 GRID_UNITS = 20
@@ -198,7 +198,7 @@ def test_evaluate_takes_an_ensemble_like_a_run(ensemble):
 
 def test_compare_with_caca_and_c3d_adds_table_ii(motion, tmp_path):
     base = TrainConfig(model="caca", features=motion, epochs=2, lr=1e-3, **CPU)
-    table = run_compare(base, ["caca", "c3d"], seeds=1, out=tmp_path, log=lambda line: None)
+    table = run_compare(base, ["caca", "c3d"], seeds=1, out=tmp_path, log=quiet)
     table_i, table_ii = markdown_tables(table)
     assert list(table_i) == ["caca", "c3d"] and list(table_ii) == ["c3d", "caca", "ensemble (caca+c3d)"]
     assert table_ii["ensemble (caca+c3d)"][-4:] == ["52.16", "56.58", "44.74", "52.99"]  # the paper's Table II

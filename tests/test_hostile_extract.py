@@ -31,14 +31,13 @@ from features.schema import FRAME_ARRAY_NAMES
 from features.tools import recorded_failures, validate
 from manifests.manifest import ClipEntry, write_manifest
 from tests.cli_runs import run_cli
+from tests.conftest import QUIET
 from tests.feature_files import write_planted_set
 from tests.media import moving_face, write_clip
 
-WEIGHTS = ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet")
 # Valid videos (libx264 in 4:4:4 takes odd sides) whose frames no network was made for.
 EXTREME_SHAPES = ((1, 10000), (10000, 1), (2, 10000), (10000, 2), (8, 8), (1, 1))
 GREY = 128
-quiet = lambda line: None  # noqa: E731
 
 
 def gradient(height: int, width: int) -> np.ndarray:
@@ -210,7 +209,7 @@ def test_a_clip_the_writer_refuses_fails_and_is_not_retried_while_unchanged(thre
                                                                              monkeypatch):
     settings = extract_settings(three_clips, tmp_path)
     refusing_the_grey_clip(monkeypatch)
-    summary = extract_split(settings, progress=False, log=quiet)
+    summary = extract_split(settings, **QUIET)
     assert (summary.done, [(f.clip_id, f.stage, f.error) for f in summary.failures]) == (
         2, [("b-grey", "store", "ValueError: clip 'b-grey': refused")])
     folder = settings.folder
@@ -222,25 +221,24 @@ def test_a_clip_the_writer_refuses_fails_and_is_not_retried_while_unchanged(thre
             for name in FRAME_ARRAY_NAMES:
                 np.testing.assert_array_equal(got[name], getattr(expected, name).astype(got[name].dtype))
     monkeypatch.undo()
-    again = extract_split(settings, progress=False, log=quiet)
+    again = extract_split(settings, **QUIET)
     assert (again.done, again.skipped, again.earlier_failures) == (0, 2, 1), "any stage: not retried while unchanged"
 
 
 def test_a_shard_whose_every_clip_is_refused_is_not_written(three_clips, tmp_path, monkeypatch):
     settings = extract_settings(three_clips[1:2], tmp_path)
     refusing_the_grey_clip(monkeypatch)
-    summary = extract_split(settings, progress=False, log=quiet)
+    summary = extract_split(settings, **QUIET)
     assert (summary.done, len(summary.failures)) == (0, 1)
     assert not [p.name for p in settings.folder.iterdir() if ".h5" in p.name], "no shard, no temporary file"
 
 
-def test_a_failed_clip_is_retried_once_its_file_changes_and_only_then(tmp_path, weight_path):
-    for name in WEIGHTS:
-        weight_path(name)
+@pytest.mark.usefixtures("extraction_weights")
+def test_a_failed_clip_is_retried_once_its_file_changes_and_only_then(tmp_path):
     video = tmp_path / "clip.mp4"
     video.write_text("not a video")
     settings = extract_settings([ClipEntry("clip", video, "happy", "train")], tmp_path)
-    run = lambda: extract_split(settings, progress=False, log=quiet)  # noqa: E731
+    run = lambda: extract_split(settings, **QUIET)  # noqa: E731
     outcome = lambda summary: (summary.done, summary.earlier_failures, [f.stage for f in summary.failures])  # noqa: E731
     assert outcome(run()) == (0, 0, ["decode"])
     assert outcome(run()) == (0, 1, ["decode"]), "unchanged: not retried"
@@ -255,9 +253,8 @@ def test_a_failed_clip_is_retried_once_its_file_changes_and_only_then(tmp_path, 
         assert stored.clip_ids == ["clip"]
 
 
-def test_extreme_frame_shapes_between_good_clips_are_extracted(tmp_path, weight_path):
-    for name in WEIGHTS:
-        weight_path(name)
+@pytest.mark.usefixtures("extraction_weights")
+def test_extreme_frame_shapes_between_good_clips_are_extracted(tmp_path):
     entries = [ClipEntry("first", write_clip(tmp_path / "first.mp4", moving_face("coffee", frames=10)), "happy",
                          "train")]
     for height, width in EXTREME_SHAPES:
@@ -304,11 +301,9 @@ def broken_clip(tmp_path_factory):
     return folder / "m.csv"
 
 
+@pytest.mark.usefixtures("extraction_weights")
 @pytest.mark.parametrize("kind", sorted(GARBAGE))
-def test_a_corrupt_failures_file_is_set_aside_with_one_warning_and_its_clips_retried(kind, broken_clip, tmp_path,
-                                                                                     weight_path):
-    for name in WEIGHTS:
-        weight_path(name)
+def test_a_corrupt_failures_file_is_set_aside_with_one_warning_and_its_clips_retried(kind, broken_clip, tmp_path):
     folder = tmp_path / "out" / "train"
     folder.mkdir(parents=True)
     garbage = GARBAGE[kind].replace(b"{stamp}", file_stamp(broken_clip.parent / "broken.mp4").encode())

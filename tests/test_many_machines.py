@@ -26,6 +26,7 @@ from features.reader import open_features
 from features.tools import inspect, merge, recorded_failures, validate
 from manifests.builders import build_folder
 from manifests.manifest import ClipEntry, read_manifest, write_manifest
+from tests.conftest import QUIET
 from tests.feature_files import assert_same_clips, read_all
 from tests.media import moving_face, photo, write_clip
 from tests.threads import FRESH_PROCESS_THREADS, torch_threads
@@ -58,14 +59,8 @@ def settings(dataset: Path, out: Path, **options) -> ExtractSettings:
                            device="cpu", shard_size=1, **options)
 
 
-def quiet_extract(settings: ExtractSettings):
-    return extract_split(settings, progress=False, log=lambda line: None)
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, weight_path):
-    for name in ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet"):
-        weight_path(name)
+def dataset(tmp_path_factory, extraction_weights):
     root = tmp_path_factory.mktemp("many")
     for rel, (scene, frames) in CLIPS.items():
         (root / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +77,7 @@ def dataset(tmp_path_factory, weight_path):
 def single(dataset):
     """The reference: the whole split on one machine, one process, on a CLI process's torch threads."""
     with torch_threads(FRESH_PROCESS_THREADS):
-        summary = quiet_extract(settings(dataset, dataset / "single"))
+        summary = extract_split(settings(dataset, dataset / "single"), **QUIET)
     assert (summary.done, len(summary.failures)) == (5, 1)
     return dataset / "single" / "train"
 
@@ -173,7 +168,7 @@ def test_three_parts_merged_equal_one_machine(dataset, single):
     # batched as the reference's: the README's "bitwise equal".
     assert_same_features(out / "train", single)
 
-    again = quiet_extract(settings(dataset, out, num_shards=3, shard_index=2))
+    again = extract_split(settings(dataset, out, num_shards=3, shard_index=2), **QUIET)
     assert (again.done, again.skipped, again.earlier_failures) == (0, 2, 1)
 
 
@@ -212,10 +207,10 @@ def test_dask_gives_one_machines_features_failures_and_resume(dataset, single, d
     # on face maps, 0.0010 on face features, one float16 step on context, 3e-5 px on boxes), so
     # the reference is one process on one thread.
     with torch_threads(1):
-        assert quiet_extract(settings(dataset, dataset / "one-thread")).done == 5
+        assert extract_split(settings(dataset, dataset / "one-thread"), **QUIET).done == 5
     assert_same_features(out / "train", dataset / "one-thread" / "train")
 
-    again = quiet_extract(settings(dataset, out, backend="dask", scheduler=dask_scheduler))
+    again = extract_split(settings(dataset, out, backend="dask", scheduler=dask_scheduler), **QUIET)
     assert (again.done, again.skipped, again.earlier_failures) == (0, 5, 1)
 
 

@@ -68,9 +68,7 @@ def in_process(*args) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, weight_path):
-    for name in ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet"):
-        weight_path(name)
+def dataset(tmp_path_factory, extraction_weights):
     root = tmp_path_factory.mktemp("dataset")
     make_dataset(root / "data")
     assert cli("manifest", "folder", "--root", str(root / "data"), "--out", str(root / "m.csv")).returncode == 0
@@ -275,25 +273,61 @@ def test_runs_stopped_at_every_point_resume_to_the_same_set(dataset, first_run, 
     assert_same_clips(read_all(folder), read_all(dataset / "out" / "train"))
 
 
-def test_two_workers_split_the_threads_and_give_one_process_features(dataset, first_run):
+# cli.py whose local workers' tasks meet at a barrier: a worker that has extracted a clip waits
+# until another process has too, so two workers extract clips however loaded the machine is (else
+# one worker may take every task before the other has imported torch). Waiting ends BARRIER_S after
+# the start, so a run with one worker fails the test instead of hanging it. argv: the barrier's
+# folder, then cli.py's arguments.
+TWO_WORKERS_EXTRACT = """
+import os, sys, time
+from pathlib import Path
+import cli
+from extract import pipeline
+
+BARRIER_S = 120
+barrier, args = Path(sys.argv[1]), sys.argv[2:]
+deadline = time.time() + BARRIER_S
+shard_task = pipeline._shard_task
+
+
+def met_by_two_workers(barrier, deadline, task, *task_args):  # defined in __main__: sent to the worker by value
+    summary = task(*task_args)
+    if summary.done:
+        (barrier / str(os.getpid())).touch()
+        while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    return summary
+
+
+def behind_the_barrier(*args):
+    task, task_args, kwargs = shard_task(*args)
+    return met_by_two_workers, (barrier, deadline, task, *task_args), kwargs
+
+
+pipeline._shard_task = behind_the_barrier
+cli.cli(args, prog_name="cli.py")
+"""
+
+
+def test_two_workers_split_the_threads_and_give_one_process_features(dataset, first_run, tmp_path):
     out = dataset / "workers"
     args = extract_args(dataset / "m.csv", out, "--workers", "2", *REFERENCE)
-    run = subprocess.Popen([sys.executable, "cli.py", "-v", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen([sys.executable, "-c", TWO_WORKERS_EXTRACT, str(tmp_path), "-v", *args], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = run.communicate()
     assert run.returncode == 3, stderr
     assert "4 clips extracted, 0 already done, 3 failed" in stdout
     # Each worker logs each shard it wrote (or its failed clips) with its process and torch threads.
     tasks = re.findall(r": (\d) clips, .* \(process (\d+), torch threads (\d+)\)", stderr)
     assert sorted(clips for clips, _, _ in tasks) == ["0"] * 3 + ["1"] * 4, stderr
-    # Which worker takes which task is joblib's scheduling: on a loaded machine one worker can
-    # take every task of this tiny split before the other has imported torch.
     pids = {pid for _, pid, _ in tasks}
-    assert 1 <= len(pids) <= 2 and str(run.pid) not in pids, "tasks run in worker processes"
+    assert len(pids) == 2 and str(run.pid) not in pids, "tasks run in the two worker processes"
+    assert {pid for clips, pid, _ in tasks if clips == "1"} == pids, "each worker wrote a shard"
+    assert {path.name for path in tmp_path.iterdir()} == pids, "both workers met at the barrier"
     assert "7 to extract with 2 worker(s)" in stderr
     split = max(1, (os.cpu_count() or 1) // 2)
     assert {int(threads) for _, _, threads in tasks} == {split}, "the cores split between the workers"
-    assert stderr.count("networks loaded on cpu") == len(pids), "once in each worker that took a task"
+    assert stderr.count("networks loaded on cpu") == 2, "once in each worker"
     assert "train/sad/portrait: 6 frames sampled, a face in 6" in stderr, "-v shows the workers' clips"
     # The features of one process computing on a worker's threads, bit for bit.
     with torch_threads(split):

@@ -24,19 +24,18 @@ from manifests.builders import build_folder
 from manifests.manifest import write_manifest
 from predict.explain import THUMBNAIL_SIDE, explain_clip, frames_to_show, thumbnails
 from predict.predict import Prediction, PredictError, collect_videos, predict_videos
+from tests.conftest import QUIET, quiet
 from tests.media import photo, write_clip
 from tests.media import moving_face
 from train.ensemble import fit_ensemble
 from train.config import TrainConfig
 from train.loop import evaluate_run, train_model
 
-WEIGHTS = ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet")
 GOOD = {"coffee.mp4", "more/rocket.mp4", "cat.mp4"}
 # The ids the dataset fixture's manifest gives its clips: SPLIT/LABEL/NAME without the suffix.
 DATASET_IDS = {"train": {"train/happy/coffee", "train/happy/rocket", "train/neutral/cat"},
                "val": {"val/happy/rocket", "val/neutral/cat"}}
 BAD = {"empty.mp4", "notes.mp4", "gone.mp4"}
-quiet = lambda line: None  # noqa: E731
 
 
 def cat(frames: int) -> list[np.ndarray]:
@@ -44,9 +43,7 @@ def cat(frames: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, weight_path):
-    for name in WEIGHTS:
-        weight_path(name)
+def dataset(tmp_path_factory, extraction_weights):
     root = tmp_path_factory.mktemp("dataset")
     clips = {
         "train/happy/coffee.mp4": moving_face("coffee", frames=20),
@@ -67,9 +64,9 @@ def run(dataset):
     for split in ("train", "val"):
         settings = ExtractSettings(split, manifest=dataset / "m.csv", out=dataset / "features",
                                    context_backbone="mobilenet_v2", device="cpu")
-        extract_split(settings, progress=False, log=quiet)
+        extract_split(settings, **QUIET)
     config = TrainConfig("caca", features=dataset / "features", out=dataset / "run", epochs=2, device="cpu")
-    train_model(config, progress=False, log=quiet)
+    train_model(config, **QUIET)
     return dataset / "run"
 
 
@@ -170,7 +167,7 @@ def test_predictions_equal_evaluate_on_the_extracted_features(run, dataset):
 
 def test_an_ensemble_with_c3d_predicts_videos_as_evaluate_scores_their_features(run, dataset):
     c3d = TrainConfig("c3d", features=dataset / "features", out=dataset / "c3d", epochs=1, device="cpu")
-    train_model(c3d, progress=False, log=quiet)
+    train_model(c3d, **QUIET)
     ensemble = fit_ensemble([run, c3d.run_folder], "val", out=dataset / "ensemble", device="cpu")
     predictions, failures = predict_videos(ensemble, [dataset / "m.csv"], device="cpu", log=quiet)
     assert not failures and all(p.attention is None for p in predictions)

@@ -53,10 +53,8 @@ def clips() -> dict[str, tuple[list[np.ndarray], int]]:
 
 
 @pytest.fixture(scope="module")
-def extraction(tmp_path_factory, weight_path):
+def extraction(tmp_path_factory, extraction_weights):
     """A real extraction through the command line, one clip of it missing (a failure); returns its split folder."""
-    for name in ("retinaface-mobilenet0.25", "mini-xception-fer2013", "mobilenetv2-imagenet"):
-        weight_path(name)
     root = tmp_path_factory.mktemp("report")
     videos = root / "videos"
     videos.mkdir()
