@@ -16,13 +16,15 @@ import click
 
 from devices import PRECISIONS
 from errors import UserError
-from extract.settings import BACKBONES, BACKENDS, ExtractSettings
-from features.recipe import CONTEXT_DTYPES
+from extract.settings import BACKBONES, BACKENDS, DEFAULT_MANIFEST, ExtractSettings
+from features.recipe import CONTEXT_DTYPES, RECIPE_VALUES
 from outputs import plain_name_problem
 from report.settings import DEFAULT_FRAMES, DEFAULT_SAMPLE
 from train.config import (
-    ALIASES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, MODEL_NAMES, PAPER_SEEDS, PRELOAD_CHOICES, TRAINABLE_MODELS, TrainConfig,
+    ALIASES, CONFIG_VALUES, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, DEFAULT_VAL_SPLIT, MODEL_NAMES, PAPER_SEEDS,
+    PRELOAD_CHOICES, TRAINABLE_MODELS, TrainConfig,
 )
+from values import problems_of
 
 DEFAULT_DEMO_OUT = Path("outputs/demo")
 
@@ -30,6 +32,26 @@ DEFAULT_DEMO_OUT = Path("outputs/demo")
 def defaults_of(settings_class) -> dict:
     """An option's default is its settings dataclass's field default, defined there once."""
     return {field.name: field.default for field in dataclasses.fields(settings_class)}
+
+
+class Checked(click.ParamType):
+    """An option for a setting whose rule is written once, beside the setting: a recipe's
+    (features.recipe.RECIPE_VALUES) or a run's (train.config.CONFIG_VALUES)."""
+
+    def __init__(self, kind: type, rules: dict, setting: str):
+        self.kind, self.rules, self.setting = kind, rules, setting
+        self.name = kind.__name__
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value = self.kind(value)
+            except ValueError:
+                self.fail(f"{value!r} is not {'an int' if self.kind is int else 'a number'}", param, ctx)
+        problems = problems_of({self.setting: value}, self.rules)
+        if problems:
+            self.fail(problems[0], param, ctx)
+        return value
 
 
 EXTRACTION = defaults_of(ExtractSettings)
@@ -203,8 +225,8 @@ def _write_built(entries, out: Path, overwrite: bool) -> None:
 
 
 manifest_out = click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("manifests/cheavd.csv"),
-    show_default=True, help="Where to write the manifest.",
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MANIFEST,
+    show_default=True, help="Where to write the manifest (extract reads it by default).",
 )
 dataset_root = click.option(
     "--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder."
@@ -269,12 +291,13 @@ def manifest_check(manifest, split):
               show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=EXTRACTION["out"], show_default=True,
               help="Output root; shards go to OUT/SPLIT/.")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=EXTRACTION["fps"], show_default=True,
+@click.option("--fps", type=Checked(float, RECIPE_VALUES, "fps"), default=EXTRACTION["fps"], show_default=True,
               help="Sampling rate (the paper: 5).")
 @click.option("--context-backbone", type=click.Choice(sorted(BACKBONES)), default=EXTRACTION["context_backbone"],
               show_default=True,
               help="Context CNN (the paper: squeezenet1_1).")
-@click.option("--detect-every", type=click.IntRange(min=1), default=EXTRACTION["detect_every"], show_default=True,
+@click.option("--detect-every", type=Checked(int, RECIPE_VALUES, "detect_every"), default=EXTRACTION["detect_every"],
+              show_default=True,
               help="Run the face detector on every K-th sampled frame and track faces between (the paper: 1).")
 @click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=EXTRACTION["batch_size"], show_default=True,
@@ -465,12 +488,15 @@ def training_options(command):
                      show_default=True, help="Root holding one folder of shards per split (extract's --out)."),
         click.option("--train-split", default=TRAINING["train_split"], show_default=True, callback=plain_split),
         click.option("--val-split", default=TRAINING["val_split"], show_default=True, callback=plain_split),
-        click.option("--epochs", type=click.IntRange(min=1), default=TRAINING["epochs"], show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=TRAINING["batch_size"], show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TRAINING["lr"], show_default=True,
+        click.option("--epochs", type=Checked(int, CONFIG_VALUES, "epochs"), default=TRAINING["epochs"],
+                     show_default=True),
+        click.option("--batch-size", type=Checked(int, CONFIG_VALUES, "batch_size"), default=TRAINING["batch_size"],
+                     show_default=True),
+        click.option("--lr", type=Checked(float, CONFIG_VALUES, "lr"), default=TRAINING["lr"], show_default=True,
                      help="Adam learning rate (the paper: 1e-4)."),
         click.option("--device", help="cpu, cuda, cuda:1... (default: cuda when present, else cpu)."),
-        click.option("--num-workers", type=click.IntRange(min=0), default=TRAINING["num_workers"], show_default=True,
+        click.option("--num-workers", type=Checked(int, CONFIG_VALUES, "num_workers"), default=TRAINING["num_workers"],
+                     show_default=True,
                      help="DataLoader worker processes."),
         click.option("--class-weighting", is_flag=True,
                      help="Weight the loss by inverse class frequency (rare classes such as worried count more)."),
@@ -528,8 +554,8 @@ def evaluate(run_folder, split, features, device):
     Example:
       python cli.py evaluate --run runs/caca-seed0 --split test
     """
+    from train.evaluation import evaluate_run
     from train.layout import PREDICTIONS_FILE, evaluation_folder
-    from train.loop import evaluate_run
 
     metrics = evaluate_run(run_folder, split, features, device)
     out = evaluation_folder(run_folder, split)
@@ -543,7 +569,7 @@ def evaluate(run_folder, split, features, device):
 @click.option("--runs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Finished runs, two or more: --runs A B (or --runs A --runs B).")
 @click.argument("more_runs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--split", default="val", show_default=True, callback=plain_split,
+@click.option("--split", default=DEFAULT_VAL_SPLIT, show_default=True, callback=plain_split,
               help="Labelled split the weights are fitted on.")
 @click.option("--features", type=click.Path(file_okay=False, path_type=Path),
               help="Feature root (default: each member's training one).")

@@ -8,7 +8,8 @@
   there (its own earlier or unfinished work, which it resumes or refreshes). Any other folder
   is a user's: refused in one line naming it and `--overwrite`.
 - Temporary files are created exclusively, never through a symlink someone left in their
-  place, and renamed over the target, so a reader never sees half a file.
+  place, and renamed over the target, so a reader never sees half a file. The JSON files
+  commands write are written so, and read back by one reader that never blocks on them.
 
 Light (no torch, no h5py): the command line checks names with it before loading anything.
 """
@@ -16,6 +17,7 @@ Light (no torch, no h5py): the command line checks names with it before loading 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import unicodedata
@@ -187,6 +189,34 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> os.stat_result:
+    """Flush the file or folder at `path` to the disk; returns the status of what was flushed (which may no longer
+    be what `path` names)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data) -> None:
+    """`data` as indented JSON with sorted keys, written atomically."""
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=1, sort_keys=True),
+                                                                  encoding="utf-8"))
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON file holding an object; None when it is missing, not a regular file, unreadable or anything else."""
+    if not Path(path).is_file():  # a FIFO or a device there would block or never end
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def same_file(a: Path, b: Path) -> bool:

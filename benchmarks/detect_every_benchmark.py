@@ -26,6 +26,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.extract_benchmark import SCENES, SIZE, make_clip, scene_frame  # noqa: E402
 from demo.sample_set import FACES  # noqa: E402
 from extract import faces  # noqa: E402
-from extract.clips import embed_clips, load_networks  # noqa: E402
-from extract.settings import ExtractSettings  # noqa: E402
+from extract.clips import embed_clips, load_networks, recipe_of  # noqa: E402
+from extract.settings import DEFAULT_BATCH_SIZE, ExtractSettings, NetworkChoice  # noqa: E402
+from features.recipe import FeatureRecipe  # noqa: E402
 from features.failures import Failure  # noqa: E402
 from manifests.manifest import ClipEntry  # noqa: E402
 from tests.media import HEAD, photo, write_clip  # noqa: E402
@@ -155,9 +157,9 @@ def agreement(reference: list, result: list, every: int) -> dict[str, float]:
             "interpolate": mean(lerps)}
 
 
-def extracted(clips, networks, settings) -> list:
+def extracted(clips, networks, recipe: FeatureRecipe) -> list:
     """The clips' features; a clip that fails makes the comparison meaningless, so it stops the benchmark."""
-    results = list(embed_clips(clips, networks, settings))
+    results = list(embed_clips(clips, networks, recipe, DEFAULT_BATCH_SIZE))
     failed = [result for result in results if isinstance(result, Failure)]
     if failed:
         raise SystemExit(f"benchmark clip failed: {failed[0].clip_id}: {failed[0].error}")
@@ -182,12 +184,12 @@ def main() -> None:
                                                          args.seconds), "happy", "bench") for scene in SCENES]
             for kind in KINDS
         }
-        settings = ExtractSettings(split="bench", context_backbone=args.context_backbone, device="cpu")
-        networks = load_networks(settings)
+        recipe = recipe_of(ExtractSettings(split="bench", context_backbone=args.context_backbone, device="cpu"))
+        networks = load_networks(NetworkChoice.of(recipe, "cpu"))
         detector = networks.detector
-        extracted(entries["moving"][:1], networks, settings)  # warm-up
+        extracted(entries["moving"][:1], networks, recipe)  # warm-up
         print(f"{len(SCENES)} scenes x {len(KINDS)} kinds of {args.seconds:g} s clip, {SIZE[1]}x{SIZE[0]} 25 fps,"
-              f" sampled at {settings.fps:g} fps; tracking square {faces.TRACK_REGION_SCALE:g}x the box at"
+              f" sampled at {recipe.fps:g} fps; tracking square {faces.TRACK_REGION_SCALE:g}x the box at"
               f" {faces.TRACK_REGION_SIZE} px; torch {torch.__version__}, {torch.get_num_threads()} threads")
         results, costs = {}, {}
         for every in every_values:
@@ -195,7 +197,7 @@ def main() -> None:
             networks.detector = counter
             started = time.perf_counter()
             results[every] = {
-                kind: extracted(clips, networks, ExtractSettings(**{**settings.__dict__, "detect_every": every}))
+                kind: extracted(clips, networks, replace(recipe, detect_every=every))
                 for kind, clips in entries.items()
             }
             costs[every] = (counter, time.perf_counter() - started)

@@ -40,7 +40,7 @@ from extract.faces import crop_every_face, detect_downscaled  # noqa: E402
 from extract.clips import load_networks, recipe_of  # noqa: E402
 from extract.pipeline import extract_split, feature_attrs  # noqa: E402
 from extract.runtime import keep_freed_memory_for_reuse  # noqa: E402
-from extract.settings import ExtractSettings  # noqa: E402
+from extract.settings import ExtractSettings, NetworkChoice  # noqa: E402
 from extract.video import _TOLERANCE as SAMPLING_TOLERANCE, sample_frames  # noqa: E402
 from features.schema import ClipFeatures  # noqa: E402
 from features.writer import ShardWriter  # noqa: E402
@@ -163,7 +163,7 @@ def stage_rows(paths: list[Path], settings: ExtractSettings) -> tuple[list[str],
     """Each network stage and the write alone; returns the rows and their summed seconds per frame."""
     clips = [np.stack([f.image for f in sample_frames(p, fps=settings.fps)]) for p in paths]
     sampled = sum(len(c) for c in clips)
-    networks = load_networks(settings)
+    networks = load_networks(NetworkChoice.of(recipe_of(settings), settings.device))
     batches = [torch.from_numpy(c[i : i + settings.batch_size]) for c in clips for i in range(0, len(c), settings.batch_size)]
     detections, detect = best_of(lambda: [detect_downscaled(networks.detector, b) for b in batches])
     crops, crop = best_of(lambda: np.concatenate([crop_every_face(b, d)[0] for b, d in zip(batches, detections)]))

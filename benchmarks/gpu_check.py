@@ -50,9 +50,8 @@ from benchmarks.paper_scale import (  # noqa: E402
     DATA_SHARE_TARGET, SPLITS, ModelFigures, ensure_set, in_fresh_process, measure_model, shard_bytes, verdict,
 )
 from devices import DEFAULT_PRECISION, DeviceError, resolve_device  # noqa: E402
-from extract import face_cnn  # noqa: E402
 from extract.pipeline import extract_split  # noqa: E402
-from extract.settings import BACKBONES, DEFAULT_DETECTOR, DEFAULT_FPS, VARIANTS  # noqa: E402
+from extract.settings import BACKBONES, DEFAULT_DETECTOR, DEFAULT_FPS, FACE_BACKBONE, VARIANTS  # noqa: E402
 from features.reader import open_features  # noqa: E402
 from tests.media import panned_frames, write_clip  # noqa: E402
 from train.config import TRAINABLE_MODELS, TrainConfig, parse_models  # noqa: E402
@@ -67,7 +66,7 @@ REFERENCE = ("cpu", DEFAULT_PRECISION)
 # stage 1 benchmarks time it too.
 CONTEXT_BACKBONE = "mobilenet_v2"
 # The weights the check loads, by registry name (`gpu_check.sh prepare` copies them for the device machine).
-WEIGHT_NAMES = (VARIANTS[DEFAULT_DETECTOR].weight_name, face_cnn.WEIGHT_NAME, BACKBONES[CONTEXT_BACKBONE].weight_name)
+WEIGHT_NAMES = (VARIANTS[DEFAULT_DETECTOR].weight_name, FACE_BACKBONE, BACKBONES[CONTEXT_BACKBONE].weight_name)
 # detect_every_benchmark's kinds and a panned scene; a face and no face first, so that two clips check both.
 CLIP_KINDS = ("moving", "no face", "fast", "two faces")
 NO_FACE_PAN = 2  # pixels a frame

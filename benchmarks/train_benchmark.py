@@ -32,10 +32,11 @@ from features.writer import ShardWriter  # noqa: E402
 from features.schema import shard_name  # noqa: E402
 from features.tools import repack  # noqa: E402
 from tests.feature_files import extractor_attrs, planted_clip  # noqa: E402
-from train.data import ClipDataset, make_loader, preloaded  # noqa: E402
-from train.loop import MixedPrecision, _train_epoch, predict  # noqa: E402
+from train.data import ClipDataset, make_loader  # noqa: E402
+from train.evaluation import predict  # noqa: E402
+from train.loop import MixedPrecision, _train_epoch  # noqa: E402
 from train.models import build_model  # noqa: E402
-from train.packed import CACHE_ENV  # noqa: E402
+from train.packed import CACHE_ENV, preloaded  # noqa: E402
 
 
 def write_features(folder: Path, clips: int, context_dim: int) -> None:

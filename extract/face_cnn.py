@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from devices import DEFAULT_PRECISION, autocast, checked_precision, resolve_device
+from extract.settings import FACE_BACKBONE
 from extract.runtime import as_channels_last, as_nhwc_uint8, prepared_for_inference
 from extract.weights import WeightsError, verified_path
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
 
-WEIGHT_NAME = "mini-xception-fer2013"
 EXPRESSION_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FACE_CNN_INPUT_SIZE = 64
 # The feature format fixes the face feature's size; this network produces exactly it.
@@ -240,7 +240,7 @@ class FaceCNN:
                  precision: str = DEFAULT_PRECISION):
         self.device = resolve_device(device)
         self.precision = checked_precision(precision)
-        self.weights_path = Path(weights_path or verified_path(WEIGHT_NAME))
+        self.weights_path = Path(weights_path or verified_path(FACE_BACKBONE))
         model = load_keras_weights(MiniXception(), self.weights_path)
         self.model = prepared_for_inference(model, self.device)
 

@@ -29,12 +29,12 @@ import torch
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from extract import face_cnn, weights
+from extract import weights
 from extract.clips import clip_failure, embed_clips, load_networks, recipe_of
 from extract.embed import Networks, StageError
 from extract.parts import this_part
 from extract.runtime import keep_freed_memory_for_reuse
-from extract.settings import ExtractError, ExtractSettings, check_options
+from extract.settings import FACE_BACKBONE, ExtractError, ExtractSettings, NetworkChoice, check_options
 from features.reader import open_features, write_index
 from features.schema import EXTRACTOR_ATTRS, ClipFeatures, shard_files, shard_name, shard_number
 from features.writer import ShardWriter, only_writer, writes_into_set
@@ -107,22 +107,20 @@ def _check_same_settings(folder: Path, recipe: FeatureRecipe) -> set[str]:
         return set(existing.clip_ids)
 
 
-_NETWORKS: dict[tuple, Networks] = {}
+_NETWORKS: dict[NetworkChoice, Networks] = {}
 # A Dask worker runs one task per thread: they share its networks, loaded once.
 _NETWORKS_LOCK = threading.Lock()
 
 
-def _networks_for(settings: ExtractSettings) -> Networks:
+def _networks_for(choice: NetworkChoice) -> Networks:
     """Loaded once per process (each joblib or Dask worker keeps its own)."""
-    key = (settings.detector_backbone, settings.detector_threshold, settings.context_backbone, settings.device,
-           settings.precision)
     with _NETWORKS_LOCK:
-        if key not in _NETWORKS:
-            _NETWORKS[key] = load_networks(settings)
+        if choice not in _NETWORKS:
+            _NETWORKS[choice] = load_networks(choice)
             logger.info("networks loaded on %s: RetinaFace %s, face CNN %s, context CNN %s",
-                        _NETWORKS[key].face_cnn.device, settings.detector_backbone, face_cnn.WEIGHT_NAME,
-                        _NETWORKS[key].context_cnn.weights_label)
-        return _NETWORKS[key]
+                        _NETWORKS[choice].face_cnn.device, choice.detector_backbone, FACE_BACKBONE,
+                        _NETWORKS[choice].context_cnn.weights_label)
+        return _NETWORKS[choice]
 
 
 def _prepare_process(settings: ExtractSettings) -> None:
@@ -164,7 +162,10 @@ def extract_shard(
     # The shard is created with its first clip, and deleted if it ends up holding none.
     with suppress(_NoClipStored), ExitStack() as shard_writer:
         writer = None
-        for result in embed_clips(entries, _networks_for(settings), settings):
+        # The attributes hold the recipe but context_dtype, which the writer stores.
+        recipe = FeatureRecipe.from_attrs({**attrs, "context_dtype": settings.context_dtype})
+        networks = _networks_for(NetworkChoice.of(recipe, settings.device))
+        for result in embed_clips(entries, networks, recipe, settings.batch_size, settings.save_crops):
             if isinstance(result, ClipFeatures):
                 if writer is None:
                     writer = shard_writer.enter_context(

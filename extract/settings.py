@@ -16,6 +16,7 @@ from errors import UserError
 from features.layout import DEFAULT_ROOT, PART_FOLDER
 from features.recipe import CONTEXT_DTYPES, RECIPE_ATTRS, FeatureRecipe
 from outputs import check_plain_name
+from values import shown
 
 DEFAULT_FPS = 5.0  # the paper's sampling rate
 DEFAULT_MANIFEST = Path("manifests/cheavd.csv")
@@ -25,6 +26,9 @@ BACKENDS = ("local", "dask")
 DASK_INSTALL = "pip install 'caca-rnn[dask]'"
 DEFAULT_DETECTOR = "mobilenet0.25"
 DEFAULT_SCORE_THRESHOLD = 0.5
+# Sampled frames queued across clips for the networks (extract --batch-size, and predict's).
+DEFAULT_BATCH_SIZE = 64
+FACE_BACKBONE = "mini-xception-fer2013"  # the face CNN's weights, by registry name
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class ExtractSettings:
     detector_threshold: float = DEFAULT_SCORE_THRESHOLD
     detect_every: int = 1  # full detection on every k-th sampled frame, tracking between; 1: the paper's
     device: str | None = None
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     shard_size: int = 64
     workers: int = 1
     context_dtype: str = CONTEXT_DTYPES[0]
@@ -119,12 +123,36 @@ class ExtractSettings:
 RECIPE_CHOICES = tuple(field.name for field in fields(ExtractSettings) if field.name in RECIPE_ATTRS)
 
 
-def settings_for(recipe: FeatureRecipe, **job) -> ExtractSettings:
-    """The settings that extract as `recipe` says (its detector one of VARIANTS'), with the job's
-    fields (split, device...) from `job`."""
-    detector = next(backbone for backbone, variant in VARIANTS.items() if variant.weight_name == recipe.detector)
-    return ExtractSettings(detector_backbone=detector, **{name: getattr(recipe, name) for name in RECIPE_CHOICES},
-                           **job)
+def detector_backbone_of(weight_name: str) -> str:
+    """The RetinaFace backbone (a key of VARIANTS) whose weights have this registry name."""
+    return next(backbone for backbone, variant in VARIANTS.items() if variant.weight_name == weight_name)
+
+
+def recipe_problems(recipe: FeatureRecipe) -> list[str]:
+    """Why no extraction here could make features by `recipe`: values no recipe may hold (features.recipe's
+    rules), or networks this toolkit does not have. Empty when one could."""
+    known = {"detector": [variant.weight_name for variant in VARIANTS.values()],
+             "face_backbone": [FACE_BACKBONE], "context_backbone": list(BACKBONES)}
+    unknown = [f"{key} {shown(getattr(recipe, key))} is not one this toolkit has ({', '.join(names)})"
+               for key, names in known.items() if getattr(recipe, key) not in names]
+    return recipe.problems() + unknown
+
+
+@dataclass(frozen=True)
+class NetworkChoice:
+    """Exactly what `extract.clips.load_networks` reads: the networks a recipe names, how they compute, and where.
+    Loaded networks are kept by it (`extract.pipeline`)."""
+
+    detector_backbone: str  # a key of VARIANTS
+    detector_threshold: float
+    context_backbone: str  # a key of BACKBONES
+    precision: str
+    device: str | None
+
+    @classmethod
+    def of(cls, recipe: FeatureRecipe, device: str | None) -> NetworkChoice:
+        return cls(detector_backbone_of(recipe.detector), recipe.detector_threshold, recipe.context_backbone,
+                   recipe.precision, device)
 
 
 def check_options(settings: ExtractSettings) -> None:

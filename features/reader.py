@@ -32,7 +32,8 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 
-from outputs import write_atomically
+from outputs import read_json_object, write_atomically
+from values import shown
 from features import look
 from features.schema import (
     BUILT_IN_FILTERS,
@@ -56,7 +57,6 @@ from features.schema import (
     is_shard_name,
     shard_files,
     shard_frame_arrays,
-    shown,
     table_problems,
     temp_files,
 )
@@ -402,12 +402,7 @@ def load_index(folder: Path) -> dict | None:
     refused (FeatureFileError), since ignoring it would silently open another set.
     """
     file = folder / INDEX_NAME
-    if not file.is_file():  # a FIFO or device there would block or never end
-        return None
-    try:
-        index = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
+    index = read_json_object(file)
     if not well_formed_index(index):
         return None
     escaping = [sub for sub in index["folders"] if not isinstance(sub, str) or "\0" in sub or os.path.isabs(sub)]

@@ -9,13 +9,32 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-# Settings recorded only since a later extractor, with the value every shard written before
-# them was made with: a shard without the attribute is read as having that value.
+from devices import PRECISIONS
+from values import are_distinct_names, is_int, is_positive_number, problems_of
+
+# Settings recorded only since a later version of this toolkit, with the value everything written
+# before them was made with: a shard's attribute, or a run's setting in its config.json
+# (train/config.py), that is absent is read as having that value. Both precisions, the frozen
+# CNNs' and training's, were float32 before they were recorded.
 SETTING_DEFAULTS = {"precision": "float32", "detect_every": 1}
 # How context features may be stored (a recipe's context_dtype): float16 halves the files.
 CONTEXT_DTYPES = ("float16", "float32")
+# The largest context feature a reader accepts; the largest backbone on offer gives 25,088.
+MAX_CONTEXT_DIM = 1 << 18
 # How an attribute one side lacks is shown in a difference.
 MISSING = "(missing)"
+# What each setting of a recipe may hold, whichever extractor made it: readers compute with these
+# values, and the command line's options are checked by the same rules (`value_problems`).
+# Which networks a recipe may name is the extractor's to say (extract.settings.recipe_problems).
+RECIPE_VALUES = {
+    "fps": (is_positive_number, "a positive number"),
+    "detector_threshold": (lambda value: is_positive_number(value) and value < 1, "a number between 0 and 1"),
+    "detect_every": (lambda value: is_int(value) and value >= 1, "an int of 1 or more"),
+    "context_dim": (lambda value: is_int(value) and 1 <= value <= MAX_CONTEXT_DIM, f"an int from 1 to {MAX_CONTEXT_DIM}"),
+    "context_dtype": (lambda value: value in CONTEXT_DTYPES, f"one of {', '.join(CONTEXT_DTYPES)}"),
+    "precision": (lambda value: value in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "classes": (are_distinct_names, "a list of distinct non-empty strings"),
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +83,17 @@ class FeatureRecipe:
         """Human-readable differences ("key: a != b"); empty when features of the two can be mixed."""
         return attr_differences(self.to_attrs(), other.to_attrs(), RECIPE_ATTRS)
 
+    def problems(self) -> list[str]:
+        """`value_problems` of this recipe's settings."""
+        return value_problems(self.to_attrs())
+
 
 RECIPE_ATTRS = tuple(field.name for field in fields(FeatureRecipe))
+
+
+def value_problems(values: dict) -> list[str]:
+    """Why the recipe settings among `values` (attributes, or options) cannot be computed with; one line each."""
+    return problems_of(values, RECIPE_VALUES)
 
 
 def with_setting_defaults(attrs: dict) -> dict:
@@ -75,7 +103,8 @@ def with_setting_defaults(attrs: dict) -> dict:
 
 def attr_differences(attrs_a: dict, attrs_b: dict, keys: tuple[str, ...]) -> list[str]:
     """"key: a != b" for each of `keys` whose values differ (MISSING where one side lacks it), after
-    filling SETTING_DEFAULTS: the one comparison of recipes, whole or as attribute dicts."""
+    filling SETTING_DEFAULTS: the one wording of a difference of settings, of recipes (whole or as
+    attribute dicts) and of training runs (train/config.py)."""
     attrs_a, attrs_b = with_setting_defaults(attrs_a), with_setting_defaults(attrs_b)
     differences = []
     for key in keys:

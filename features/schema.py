@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from errors import UserError
-from features.recipe import CONTEXT_DTYPES, RECIPE_ATTRS, attr_differences, with_setting_defaults
+from features.recipe import RECIPE_ATTRS, attr_differences, value_problems, with_setting_defaults
+from values import is_int, is_positive_number, shown
 
 FORMAT = "caca-rnn-features"
 FORMAT_VERSION = 1
@@ -85,7 +86,6 @@ MAX_CHUNK_FRAMES = 1024
 # frame and the extractor crops faces to 128 px; the caps leave room for others.
 MAX_INFLATION = 1100
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
-MAX_CONTEXT_DIM = 1 << 18
 MAX_FACE_CROP_SIZE = 1024
 # The filters every HDF5 library has built in (HDF5's filter ids): any other would make
 # HDF5 look for a plugin, i.e. load code named by the file.
@@ -239,28 +239,6 @@ def content_sha256(attrs: dict, table: dict[str, list]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def shown(value, limit: int = 80) -> str:
-    """A value from a file as a message shows it: its repr, cut short (a file may hold megabytes in one string)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}..."
-
-
-def is_int(value) -> bool:
-    """An int that is not a bool (True == 1 in Python, never in a shard)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def are_distinct_names(value) -> bool:
-    """A list of distinct non-empty strings, as class lists are."""
-    return (isinstance(value, list) and all(isinstance(name, str) and name for name in value)
-            and len(set(value)) == len(value))
-
-
-def is_positive_number(value) -> bool:
-    """A finite number > 0 (compared, not converted, so a huge JSON int cannot overflow)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-
 # What each clip-table column holds once read from a shard or decoded from an index.
 COLUMN_VALUES = {
     **{column: (lambda value: isinstance(value, str), "a string") for column in STRING_COLUMNS},
@@ -292,27 +270,18 @@ def attr_problems(attrs: dict) -> list[str]:
         for key, value in attrs.items()
         if not isinstance(value, (str, int, float, list, dict))
     ]
-    return problems + value_problems(present)
+    return problems + stored_value_problems(present)
 
 
-def value_problems(attrs: dict) -> list[str]:
-    """The attribute values the code computes with, checked; `attrs` has every required key."""
-    problems = []
-    dim, crop = attrs["context_dim"], attrs["face_crop_size"]
-    if not (is_int(dim) and 1 <= dim <= MAX_CONTEXT_DIM):
-        problems.append(f"context_dim {shown(dim)} is not an int from 1 to {MAX_CONTEXT_DIM}")
-    if attrs["context_dtype"] not in CONTEXT_DTYPES:
-        problems.append(f"context_dtype {shown(attrs['context_dtype'])} is not one of {', '.join(CONTEXT_DTYPES)}")
+def stored_value_problems(attrs: dict) -> list[str]:
+    """The attribute values the code computes with, checked (the recipe's rules, and whether crops are stored);
+    `attrs` has every required key."""
+    problems = value_problems(attrs)
+    crop = attrs["face_crop_size"]
     if not isinstance(attrs[FACE_CROPS_STORED], bool):
         problems.append(f"{FACE_CROPS_STORED} {shown(attrs[FACE_CROPS_STORED])} is not a bool")
     elif attrs[FACE_CROPS_STORED] and not (is_int(crop) and 1 <= crop <= MAX_FACE_CROP_SIZE):
         problems.append(f"face_crop_size {shown(crop)} is not an int from 1 to {MAX_FACE_CROP_SIZE}")
-    if not are_distinct_names(attrs["classes"]):
-        problems.append(f"classes {shown(attrs['classes'])} are not a list of distinct non-empty strings")
-    if not is_positive_number(attrs["fps"]):
-        problems.append(f"fps {shown(attrs['fps'])} is not a positive number")
-    if not (is_int(attrs["detect_every"]) and attrs["detect_every"] >= 1):
-        problems.append(f"detect_every {shown(attrs['detect_every'])} is not a positive int")
     return problems
 
 

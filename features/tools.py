@@ -45,11 +45,11 @@ from features.schema import (
     compression_of,
     content_sha256,
     shard_name,
-    shown,
     temp_files,
 )
 from features.writer import ShardWriter, only_writer, writes_into_set
 from outputs import check_output_folder, same_file
+from values import shown
 
 WARNING = "warning: "  # validate() lines starting with this do not make a set invalid
 MAX_PROBLEMS_PER_SHARD = 20

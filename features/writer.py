@@ -23,6 +23,7 @@ import numpy as np
 
 from features.failures import CORRUPT_TAG
 from features.layout import FAILURES_FILE, PART_FOLDER_NAME
+from features.recipe import CONTEXT_DTYPES
 from features.reader import read_clip_table, stored_attrs
 from features.schema import (
     CLIP_COLUMNS,
@@ -30,7 +31,6 @@ from features.schema import (
     COMPRESSIONS,
     CONTENT_SHA256,
     DEFAULT_COMPRESSION,
-    CONTEXT_DTYPES,
     EXTRACTOR_ATTRS,
     FACE_CROPS_STORED,
     FORMAT,
@@ -53,7 +53,7 @@ from features.schema import (
     temp_files,
     temp_name,
 )
-from outputs import is_temporary
+from outputs import fsync_path, is_temporary
 
 
 # errno values of a file system that refuses locks: NFS without lockd (ENOLCK), Lustre
@@ -163,14 +163,6 @@ def shard_attrs(attrs: dict, context_dtype: str, store_face_crops: bool = False)
     if problems:
         raise ValueError(f"shard attrs: {'; '.join(problems)}")
     return stored
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create(temp: Path) -> h5py.File:

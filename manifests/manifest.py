@@ -34,7 +34,7 @@ class ClipEntry:
     clip_id: str
     path: Path  # absolute
     label: str | None  # a CHEAVD 2.0 class; None for an unlabelled clip
-    split: str
+    split: str | None  # None for a video given to predict by itself
     line: int = 0  # the manifest line it was read from (2 = first data row); 0 when not read from a file
     extra: tuple[tuple[str, str], ...] = ()  # the manifest's other columns, as (column, value)
 

@@ -1,6 +1,6 @@
 """Predict the emotion of raw videos with a trained run, extracting them exactly as its features were.
 
-The extraction settings come from the run (the attributes of its training features, which its
+The extraction settings come from the run (the recipe of its training features, which its
 checkpoint holds), never from the command line, and this machine's weights are checked against
 the hashes the run's features were made with: a model is only as good as the features it learnt
 from, and features made another way would give predictions that are wrong without saying so.
@@ -21,31 +21,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from devices import PRECISIONS, resolve_device
+from devices import resolve_device
 from errors import UserError
-from extract import face_cnn
-from extract.clips import embed_clips, load_networks, recipe_of, weight_names
-from extract.settings import BACKBONES, VARIANTS, ExtractSettings, settings_for
+from extract.clips import embed_clips, load_networks, remade_here, weight_names
+from extract.settings import DEFAULT_BATCH_SIZE, NetworkChoice, recipe_problems
 from extract.runtime import keep_freed_memory_for_reuse
 from extract.video import VideoError
 from features.failures import Failure, file_stamp, one_line
 from features.recipe import FeatureRecipe
-from features.schema import CONTEXT_DTYPES, ClipFeatures, frame_arrays, is_int, is_positive_number, shown
+from features.schema import ClipFeatures, frame_arrays
 from manifests.builders import VIDEO_EXTENSIONS, videos_under
 from manifests.manifest import ClipEntry, read_manifest
 from manifests.spreadsheet import neutralised
 from outputs import OutputError, claim_folder, create_new_file, output_paths, same_file, write_atomically
 from predict.explain import explain_clip, thumbnails
 from train.config import UNLABELLED
-from train.data import clip_steps, collate
-from train.packed import step_frames_mask
+from train.data import clip_steps, collate, model_inputs, step_frames_mask
 from train.layout import COMPLETE_MARK
-from train.loop import load_run, model_inputs
 from train.metrics import PROBABILITY_PREFIX
 from train.models import CascadeAttentionRNN
+from train.runs import LoadedRun, load_run
 
-# ExtractSettings names a split; prediction writes no shards, so this name is never a folder.
-PREDICTION_SPLIT = "predict"
 MANIFEST_SUFFIX = ".csv"
 PREDICTIONS_HEADER = "clip_id,path,predicted,"
 # In a folder of explanation pictures: says predict made it, so a later predict may write there again.
@@ -70,57 +66,31 @@ class Prediction:
     attention: np.ndarray | None  # (second-RNN steps, first-RNN steps) for the CACA models
 
 
-def finished_run(run: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The run's model and checkpoint (`train.loop.load_run`), once the run is known to be finished."""
+def finished_run(run: Path, device: torch.device) -> LoadedRun:
+    """The run (`train.runs.load_run`), once it is known to be finished (its metrics written, last)."""
     if not (run / COMPLETE_MARK).is_file():
         raise PredictError(
             f"{run} is not a finished training run (no {COMPLETE_MARK}): train one with `python cli.py train`"
         )
-    return load_run(run, device)
+    loaded = load_run(run, device)
+    if loaded.metrics is None:
+        raise PredictError(f"{run / COMPLETE_MARK}: not the metrics of a finished run; train the run again")
+    return loaded
 
 
-def settings_from_run(run: Path, run_attrs: dict, device: str | None) -> ExtractSettings:
-    """The extraction settings of the run's features (the recipe in its checkpoint's attributes),
-    after checking this machine would extract the same way.
+def extraction_recipe(run: Path, recipe: FeatureRecipe) -> FeatureRecipe:
+    """`recipe`, the recipe of the features the run in `run` learnt from, after checking this machine would
+    extract by it the same way.
 
     The model learnt from context features rounded to the recipe's stored dtype; rounding the
     same way makes a prediction equal to `evaluate`'s on the same clip's extracted features.
     """
-    recipe = run_recipe(run, run_attrs)
-    settings = settings_for(recipe, split=PREDICTION_SPLIT, device=device)
-    check_same_extraction(run, recipe, recipe_of(settings))
-    return settings
-
-
-def run_recipe(run: Path, run_attrs: dict) -> FeatureRecipe:
-    """The recipe of the run's features, once it is one an extraction here could be set to."""
-    try:
-        recipe = FeatureRecipe.from_attrs(run_attrs)
-    except ValueError as exc:
-        raise PredictError(f"{run}: the features it was trained on have {exc}; retrain the run") from None
-    problem = extraction_problem(recipe)
-    if problem:
-        raise PredictError(f"{run}: the features it was trained on {problem}; retrain the run")
+    problems = recipe_problems(recipe)
+    if problems:
+        raise PredictError(f"{run}: the features it was trained on were made in a way this toolkit cannot make"
+                           f" ({problems[0]}); retrain the run")
+    check_same_extraction(run, recipe, remade_here(recipe))
     return recipe
-
-
-def extraction_problem(recipe: FeatureRecipe) -> str | None:
-    """What in a run's recipe no extraction here could be set to (None when all can)."""
-    if not is_positive_number(recipe.fps):
-        return f"have no positive fps ({shown(recipe.fps)})"
-    threshold = recipe.detector_threshold
-    if not (is_positive_number(threshold) and threshold < 1):
-        return f"have no detector threshold between 0 and 1 ({shown(threshold)})"
-    if not (is_int(recipe.detect_every) and recipe.detect_every >= 1):
-        return f"have no detect_every of 1 or more ({shown(recipe.detect_every)})"
-    choices = {"context_backbone": BACKBONES, "context_dtype": CONTEXT_DTYPES, "precision": PRECISIONS,
-               "detector": [variant.weight_name for variant in VARIANTS.values()],
-               "face_backbone": [face_cnn.WEIGHT_NAME]}
-    for key, known in choices.items():
-        value = getattr(recipe, key)
-        if not isinstance(value, str) or value not in known:
-            return f"name {key} {shown(value)}, which this toolkit does not have ({', '.join(known)})"
-    return None
 
 
 def check_same_extraction(run: Path, recipe: FeatureRecipe, here: FeatureRecipe) -> None:
@@ -171,7 +141,7 @@ def entries_by_path(short_ids: dict[Path, str]) -> list[ClipEntry]:
     if len(set(short_ids.values())) < len(short_ids):
         common = Path(os.path.commonpath([p.parent for p in short_ids]))
         short_ids = {p: p.relative_to(common).as_posix() for p in short_ids}
-    return [ClipEntry(clip_id, p, None, PREDICTION_SPLIT) for p, clip_id in short_ids.items()]
+    return [ClipEntry(clip_id, p, None, None) for p, clip_id in short_ids.items()]
 
 
 def check_unique_ids(entries: list[ClipEntry]) -> None:
@@ -298,34 +268,33 @@ def predict_videos(
 
     Existing files of the user's are never replaced unless `overwrite` (`check_outputs`).
     """
-    run = Path(run)
-    model, checkpoint = finished_run(run, resolve_device(device))
+    loaded = finished_run(Path(run), resolve_device(device))
     entries = collect_videos(inputs)
     check_outputs(inputs, entries, out_csv, explain_dir, overwrite)
-    settings = settings_from_run(run, checkpoint["attrs"], device)
+    recipe = extraction_recipe(loaded.folder, loaded.recipe)
     pictures = picture_paths(explain_dir, entries) if explain_dir is not None else {}
-    classes, model_name = list(checkpoint["classes"]), checkpoint["config"]["model"]
+    model, classes = loaded.model, list(loaded.classes)
     keep_freed_memory_for_reuse()
-    networks = load_networks(settings)
+    networks = load_networks(NetworkChoice.of(recipe, device))
     predictions: list[Prediction] = []
     failures: list[Failure] = []
     bar = tqdm(total=len(entries), unit="clip", desc="predict", disable=not progress)
     log = above_bar(log)
-    for clip in embed_clips(entries, networks, settings):
+    for clip in embed_clips(entries, networks, recipe, DEFAULT_BATCH_SIZE):
         bar.update()
         if isinstance(clip, Failure):
             failures.append(clip)
             log(f"{clip.clip_id}: not predicted: {clip.error}")
             continue
-        prediction = prediction_of(clip, *classify(model, clip, settings.context_dtype), classes)
+        prediction = prediction_of(clip, *classify(model, clip, recipe.context_dtype), classes)
         predictions.append(prediction)
         log(describe(prediction))
         if explain_dir is not None:
             try:
                 explain_clip(
                     pictures[clip.clip_id],
-                    thumbnails(Path(clip.source_path), settings.fps, len(clip.timestamps)),
-                    clip.timestamps, clip.box, prediction, classes, model_name, attended_stream(model),
+                    thumbnails(Path(clip.source_path), recipe.fps, len(clip.timestamps)),
+                    clip.timestamps, clip.box, prediction, classes, loaded.name, attended_stream(model),
                     step_frames(clip.has_face),
                 )
             except (VideoError, OSError) as exc:  # the video changed since it was read, or the disk is full

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from extract.faces import FACE_CROP_SIZE, crop_squares
 from extract.video import VideoError, sample_frames
 from features.reader import FeatureSet
-from features.schema import shown
+from values import shown
 from report.choice import Chosen
 from report.facts import jump_frames
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import socket
 import subprocess
@@ -55,15 +56,25 @@ def test_help_loads_no_heavy_library():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_stage_2_imports_nothing_of_stage_1():
-    """Training reads shards only: it runs where the extractor's code and PyAV are not installed."""
-    probe = (
-        "import sys, train.loop, train.compare, train.ensemble\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('extract', 'av', 'torchvision')))"
-    )
+def loaded_by(modules: str, watched: str) -> list[str]:
+    """The modules loaded by importing `modules` (comma-separated) in a fresh interpreter for which `watched`, a
+    Python expression of a module's name `m`, is true."""
+    probe = f"import sys, {modules}\nprint(sorted(m for m in sys.modules if {watched}))"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_stage_2_imports_nothing_of_stage_1():
+    """Training reads shards only: it runs where the extractor's code and PyAV are not installed."""
+    assert loaded_by("train.loop, train.compare, train.ensemble",
+                     "m.split('.')[0] in ('extract', 'av', 'torchvision')") == []
+
+
+def test_loading_and_scoring_runs_needs_no_training_loop():
+    """predict, ensemble and evaluate load runs (train/runs.py) and score them (train/evaluation.py) only."""
+    assert loaded_by("predict.predict, train.ensemble, train.evaluation, train.runs",
+                     "m in ('train.loop', 'train.resume')") == []
 
 
 def test_list_shows_every_weight_and_its_status(tmp_path, weight_path, monkeypatch):

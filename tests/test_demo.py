@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from demo.check_results import PROMISED_ACCURACY, broken_promises, main
+from train.metrics import Metrics
 from demo.run import DEMO_SET, MODELS
 from demo.sample_set import (
     CLIPS_FOLDER, FACE_GROUPS, FRAME_HEIGHT, FRAME_WIDTH, LABEL_RULE, SCENE_KINDS, SCENES, SPLITS, STRIP_WIDTH,
@@ -109,7 +110,9 @@ def write_demo_results(out: Path, accuracies: dict[str, float]) -> None:
     for model, accuracy in accuracies.items():
         folder = out / "runs" / model / "eval-val"
         folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps({"map": accuracy, "accuracy": accuracy}))
+        metrics = Metrics(map=accuracy, accuracy=accuracy, per_class_ap={"happy": accuracy}, confusion=[[1]],
+                          classes=["happy"], count=1)
+        (folder / "metrics.json").write_text(json.dumps(metrics.to_json()))
 
 
 def test_the_demo_check_holds_the_results_to_the_readmes_promise(tmp_path, capsys):

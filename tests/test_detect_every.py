@@ -11,16 +11,17 @@ import torch
 
 from extract.embed import Networks
 from extract.faces import TRACK_REGION_SIZE, choose_main_face, crop_every_face, detect_downscaled
-from extract.clips import embed_clips
+from extract.clips import embed_clips, recipe_of
 from extract.pipeline import extract_split
 from extract.settings import ExtractError, ExtractSettings
 from extract.retinaface import RetinaFaceDetector
 from extract.video import sample_frames
 from features.reader import open_features, write_index
+from features.recipe import FeatureRecipe
 from features.schema import comparable, shard_files
 from features.tools import validate
 from manifests.manifest import ClipEntry, write_manifest
-from predict.predict import settings_from_run
+from predict.predict import extraction_recipe
 from tests.cli_runs import one_line_error, run_cli
 from tests.conftest import QUIET
 from tests.media import moving_face, photo, write_clip
@@ -53,7 +54,7 @@ def clips(tmp_path_factory):
 def extracted(clips, networks, every: int, batch_size: int = 4) -> list:
     settings = ExtractSettings("train", context_backbone="mobilenet_v2", device="cpu", batch_size=batch_size,
                                detect_every=every)
-    return list(embed_clips(clips, networks, settings))
+    return list(embed_clips(clips, networks, recipe_of(settings), batch_size))
 
 
 def sampled(path: Path) -> torch.Tensor:
@@ -169,4 +170,4 @@ def test_predict_extracts_with_the_runs_k(manifest, tmp_path, every):
         forget_detect_every(tmp_path / "features" / "train")
     with open_features(tmp_path / "features" / "train") as features:
         attrs = features.attrs
-    assert settings_from_run(tmp_path / "run", attrs, "cpu").detect_every == (every or 1)
+    assert extraction_recipe(tmp_path / "run", FeatureRecipe.from_attrs(attrs)).detect_every == (every or 1)

@@ -15,10 +15,13 @@ from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
 from features.schema import shard_name
 from train.compare import run_compare
-from train.data import clip_steps, collate
+from train.data import clip_steps, collate, model_inputs
 from train.ensemble import fit_ensemble, fit_weights
 from train.config import TrainConfig
-from train.loop import TrainError, load_run, model_inputs, split_probabilities, train_model
+from train.config import TrainError
+from train.evaluation import split_probabilities
+from train.loop import train_model
+from train.runs import load_run
 from tests.cli_runs import run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.conftest import QUIET, quiet
@@ -58,7 +61,7 @@ def test_a_label_in_the_motion_of_the_face_maps_is_not_learned_from_pooled_face_
 
 
 def test_c3d_padding_gives_the_same_logits_as_the_clip_alone(motion, runs):
-    model, _ = load_run(runs["c3d"][0], torch.device("cpu"))
+    model = load_run(runs["c3d"][0], torch.device("cpu")).model
     with open_features(motion / "val") as features:
         clips = [features[clip_id] for clip_id in features.clip_ids]
     short, long = sorted(clips, key=lambda clip: len(clip["face"]))[::len(clips) - 1]
@@ -113,8 +116,8 @@ def test_ensemble_weights_are_the_maximum_of_the_weight_grid(ensemble, runs, mot
     spec = json.loads((ensemble / "ensemble.json").read_text())
     outputs = []
     for name in ("caca", "c3d"):
-        model, checkpoint = load_run(runs[name][0], torch.device("cpu"))
-        outputs.append(split_probabilities(model, checkpoint, "val", motion, torch.device("cpu"), 64))
+        outputs.append(split_probabilities(load_run(runs[name][0], torch.device("cpu")), "val", motion,
+                                           torch.device("cpu")))
     assert outputs[0][0] == outputs[1][0]
     labels, probabilities = outputs[0][1], [p for _, _, p in outputs]
     best = assert_the_grid_maximum(spec["weights"], labels, probabilities)
@@ -192,7 +195,7 @@ def test_evaluate_takes_an_ensemble_like_a_run(ensemble):
     metrics = json.loads((ensemble / "eval-val" / "metrics.json").read_text())
     fitted = json.loads((ensemble / "ensemble.json").read_text())["ensemble_scores"]
     assert metrics["map"] == pytest.approx(fitted["map"], abs=1e-6)
-    model, _ = load_run(ensemble, torch.device("cpu"))
+    model = load_run(ensemble, torch.device("cpu")).model
     assert model.inputs == ("face", "context", "face_map")  # caca's and c3d's, read once each
 
 

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from features.reader import open_features, write_index
+from features.recipe import MAX_CONTEXT_DIM
 from features.schema import ClipFeatures, FeatureFileError, comparable
 from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
 from features.recipe import RECIPE_ATTRS, SETTING_DEFAULTS, FeatureRecipe
 from features.schema import (
-    COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, MAX_CONTEXT_DIM, content_sha256, shard_name, temp_files,
+    COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, content_sha256, shard_name, temp_files,
 )
 from features.tools import WARNING, inspect, merge, repack, validate
 from features import reader, tools, writer
@@ -530,7 +531,7 @@ def test_the_writer_refuses_incomplete_attrs_and_existing_shards(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(context_dim=MAX_CONTEXT_DIM + 1), "context_dim 262145 is not an int from 1 to 262144"),
-    (dict(classes=["happy", "happy"]), "are not a list of distinct non-empty strings"),
+    (dict(classes=["happy", "happy"]), "is not a list of distinct non-empty strings"),
     (dict(fps=float("inf")), "fps inf is not a positive number"),
     (dict(notes=np.arange(3)), "attribute 'notes' is a ndarray"),
 ])

@@ -19,7 +19,7 @@ import cli as cli_module
 import outputs
 from extract import clips, embed
 from extract.embed import Networks
-from extract.clips import embed_clips
+from extract.clips import embed_clips, recipe_of
 from extract.pipeline import extract_split
 from extract.settings import ExtractSettings
 from features.reader import open_features
@@ -64,16 +64,21 @@ def three_clips(tmp_path_factory):
 
 # A batch of 8 frames: the three clips' windows (3 frames each) share one CNN call.
 SETTINGS = ExtractSettings("train", context_backbone="mobilenet_v2", device="cpu", batch_size=8)
-ALONE = dataclasses.replace(SETTINGS, batch_size=3)  # the same windows, each in CNN calls of its own
+ALONE = 3  # frames a batch: the same windows, each in CNN calls of its own
+
+
+def embedded(entries: list[ClipEntry], networks: Networks, batch_size: int = SETTINGS.batch_size) -> list:
+    """Every clip's features or failure, by SETTINGS' recipe, in batches of `batch_size` frames."""
+    return list(embed_clips(entries, networks, recipe_of(SETTINGS), batch_size))
 
 
 @pytest.fixture(scope="module")
 def clean(three_clips, networks):
     """Run -> clip id -> features, for runs without errors of some of the clips, in CNN calls of some sizes."""
     runs = {
-        "all three": list(embed_clips(three_clips, networks, SETTINGS)),
-        "without the grey clip": list(embed_clips(three_clips[::2], networks, SETTINGS)),
-        "each window alone": list(embed_clips(three_clips, networks, ALONE)),
+        "all three": embedded(three_clips, networks),
+        "without the grey clip": embedded(three_clips[::2], networks),
+        "each window alone": embedded(three_clips, networks, ALONE),
     }
     together = runs["all three"]
     assert [r.clip_id for r in together] == ["a-face", "b-grey", "c-face"]
@@ -153,7 +158,7 @@ SAME_CNN_CALLS = {
 @pytest.mark.parametrize("stage", SAME_CNN_CALLS)
 def test_an_error_in_one_clip_fails_that_clip_only(stage, three_clips, networks, clean, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="extract.clips"):
-        results = list(embed_clips(three_clips, networks_poisoned_at(stage, networks, monkeypatch), SETTINGS))
+        results = embedded(three_clips, networks_poisoned_at(stage, networks, monkeypatch))
     assert [type(r).__name__ for r in results] == ["ClipFeatures", "Failure", "ClipFeatures"]
     failure = results[1]
     assert (failure.clip_id, failure.stage, failure.path) == ("b-grey", stage, str(three_clips[1].path))
@@ -170,7 +175,7 @@ def test_an_interrupt_in_one_clip_stops_the_run(three_clips, networks):
     detector = Replaced(networks.detector, detect=poisoned(networks.detector.detect, has_grey_frame,
                                                            KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        list(embed_clips(three_clips, Networks(detector, networks.face_cnn, networks.context_cnn), SETTINGS))
+        embedded(three_clips, Networks(detector, networks.face_cnn, networks.context_cnn))
 
 
 def test_windows_are_capped_in_bytes_and_those_of_usual_clips_are_unchanged(three_clips, networks, clean,
@@ -179,13 +184,13 @@ def test_windows_are_capped_in_bytes_and_those_of_usual_clips_are_unchanged(thre
     run without the cap; windows of one frame find the same faces, and features within rounding."""
     assert all(clips.WINDOW_BYTES // (height * width * 3) >= 64 for height, width in ((360, 640), (720, 1280)))
     monkeypatch.setattr(clips, "WINDOW_BYTES", 1 << 62)
-    for got in embed_clips(three_clips, networks, SETTINGS):
+    for got in embedded(three_clips, networks):
         assert_same_features(got, clean["all three"][got.clip_id])
     frame_bytes = 400 * 600 * 3  # the coffee photo behind clip a
     assert [len(stamps) for _, stamps in clips._windows(three_clips[0].path, 5.0, 64)] == [3]
     monkeypatch.setattr(clips, "WINDOW_BYTES", frame_bytes)
     assert [len(stamps) for _, stamps in clips._windows(three_clips[0].path, 5.0, 64)] == [1, 1, 1]
-    for got in embed_clips(three_clips, networks, SETTINGS):
+    for got in embedded(three_clips, networks):
         assert_close_features(got, clean["all three"][got.clip_id])
 
 

@@ -215,7 +215,7 @@ CRAFTED = {
         lambda shard: rewrite(shard, "frames/face", np.array(["x"] * 8, dtype=h5py.string_dtype())),
         ["/frames/face is object (8,), expected float32"]),
     "an array attribute": (set_attr("fps", np.arange(1000.0)), ["attribute 'fps' is not a scalar"]),
-    "classes that are not a list of names": (set_attr("classes", '{"a": 1}'), ["classes {'a': 1} are not a list"]),
+    "classes that are not a list of names": (set_attr("classes", '{"a": 1}'), ["classes {'a': 1} is not a list"]),
 }
 
 

@@ -24,6 +24,7 @@ from train.config import TrainConfig
 from train.loop import train_model
 from tests.cli_runs import one_line_error, run_cli
 from tests.feature_files import write_planted_set
+from tests.conftest import QUIET, quiet
 
 TINY = dict(epochs=1, lr=1e-3, batch_size=16, context_dim=16)
 USAGE = 2
@@ -47,7 +48,7 @@ def features(tmp_path_factory):
 def trained(features: Path, out: Path, model: str = "caca") -> Path:
     config = TrainConfig(model=model, features=features, out=out, epochs=TINY["epochs"], lr=TINY["lr"],
                          batch_size=TINY["batch_size"])
-    train_model(config, progress=False, log=lambda line: None)
+    train_model(config, **QUIET)
     return out
 
 
@@ -112,10 +113,10 @@ def rewritten_checkpoint(run: Path, folder: Path, change) -> Path:
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda c: c["attrs"].update(context_dim=10**10), ["context_dim between"]),
+    (lambda c: c["attrs"].update(context_dim=10**10), ["context_dim 10000000000 is not an int from 1 to 262144"]),
     (lambda c: c["attrs"].update(context_dim=32), ["do not fit a caca model with context_dim 32"]),
     (lambda c: c["model"].popitem(), ["do not fit"]),
-    (lambda c: c["config"].update(model="gpt"), ["names no model"]),
+    (lambda c: c["config"].update(model="gpt"), ["model 'gpt' is not one of face"]),
     (lambda c: c.update(classes="happy"), ["classes"]),
     (lambda c: c.pop("attrs"), ["not a training checkpoint"]),
 ])
@@ -202,7 +203,7 @@ def test_train_restarts_only_its_own_unfinished_run_of_the_same_settings(feature
     assert status == 0, stderr
     (finished / "metrics.json").unlink()
     status, _, stderr = run_cli(*args, "--lr", 1e-2)
-    one_line_error(status, stderr, "unfinished run of other settings", "lr 0.001 there, 0.01 here", "--overwrite")
+    one_line_error(status, stderr, "unfinished run of other settings", "there != here: lr: 0.001 != 0.01", "--overwrite")
     status, _, stderr = run_cli(*args, "--lr", 1e-2, "--overwrite")
     assert status == 0, stderr
     assert json.loads((finished / "config.json").read_text())["lr"] == 1e-2
@@ -216,7 +217,7 @@ def test_compare_refuses_to_reuse_a_run_of_other_settings(features, runs, tmp_pa
     assert status == 0, stderr
     assert "1 of 1 runs already finished; training 0" in stdout
     status, _, stderr = run_cli(*args, "--epochs", 2)
-    one_line_error(status, stderr, "face-seed0 is a finished run of other settings", "epochs 1 there, 2 here")
+    one_line_error(status, stderr, "face-seed0 is a finished run of other settings", "there != here: epochs: 1 != 2")
     (tmp_path / "my-notes.txt").write_text("mine")
     status, _, stderr = run_cli(*args, "--epochs", 1)
     one_line_error(status, stderr, "'my-notes.txt'", "--overwrite")
@@ -266,7 +267,7 @@ def test_demo_refuses_a_folder_or_clips_it_did_not_make(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")
     with pytest.raises(OutputError, match="thesis.tex.*--overwrite"):
-        run_demo(tmp_path / "mine", log=lambda line: None)
+        run_demo(tmp_path / "mine", log=quiet)
     clips = tmp_path / "demo" / "clips" / "train" / "happy"
     clips.mkdir(parents=True)
     (clips / "my-recording.mp4").write_bytes(b"irreplaceable")

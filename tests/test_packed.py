@@ -25,8 +25,8 @@ from features.schema import shard_name
 from features.writer import ShardWriter
 from outputs import TEMP_SUFFIX
 from tests.feature_files import clip_of, extractor_attrs
-from train.data import STEP_INPUTS, BufferPool, ClipDataset, make_loader, preloaded
-from train.packed import CACHE_ENV, IN_USE_FILE, LOCK_FILE, cache_key, cached_steps, packed_in_memory
+from train.data import STEP_INPUTS, BufferPool, ClipDataset, make_loader
+from train.packed import CACHE_ENV, IN_USE_FILE, LOCK_FILE, cache_key, cached_steps, packed_in_memory, preloaded
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS_PER_SHARD = 13
@@ -278,7 +278,7 @@ def test_a_cache_that_cannot_be_written_falls_back_to_memory_and_says_so(varied_
     with open_features(varied_split) as features:
         steps = preloaded(features, "always", ("face",), "train", log=lines.append)
         assert steps.folder is None and np.array_equal(steps.offsets, packed_in_memory(features, ("face",)).offsets)
-        monkeypatch.setattr("train.data.fits_in_memory", lambda features, inputs: False)
+        monkeypatch.setattr("train.packed.fits_in_memory", lambda features, inputs: False)
         assert preloaded(features, "auto", ("face",), "train", log=lines.append) is None
     assert len(lines) == 2 and all(f"${CACHE_ENV}" in line and str(blocker / "steps") in line for line in lines)
     assert "packed in memory" in lines[0] and "read from the shards every epoch" in lines[1]

@@ -18,8 +18,8 @@ import pytest
 
 from extract.embed import Networks
 from extract.face_cnn import EXPRESSION_CLASSES, FaceCNN
-from extract.clips import embed_clips, load_networks
-from extract.settings import ExtractSettings
+from extract.clips import embed_clips, load_networks, recipe_of
+from extract.settings import ExtractSettings, NetworkChoice
 from features.reader import open_features
 from features.schema import is_temp_name, shard_files
 from features.tools import validate
@@ -339,11 +339,9 @@ def test_batches_across_clips_do_not_change_the_features(dataset, weight_path):
     """A batch smaller than a clip, and one spanning several clips, give the same arrays."""
     entries = [e for e in read_manifest(dataset / "m.csv", split="train") if e.clip_id.startswith("train/happy")]
     settings = ExtractSettings(split="train", manifest=dataset / "m.csv", context_backbone="mobilenet_v2", device="cpu")
-    networks: Networks = load_networks(settings)
-    small, large = (
-        list(embed_clips(entries, networks, ExtractSettings(**{**settings.__dict__, "batch_size": size})))
-        for size in (3, 64)
-    )
+    recipe = recipe_of(settings)
+    networks: Networks = load_networks(NetworkChoice.of(recipe, "cpu"))
+    small, large = (list(embed_clips(entries, networks, recipe, size)) for size in (3, 64))
     for a, b in zip(small, large):
         assert a.clip_id == b.clip_id
         np.testing.assert_allclose(a.face, b.face, rtol=1e-4, atol=1e-4)

@@ -29,7 +29,8 @@ from tests.media import photo, write_clip
 from tests.media import moving_face
 from train.ensemble import fit_ensemble
 from train.config import TrainConfig
-from train.loop import evaluate_run, train_model
+from train.evaluation import evaluate_run
+from train.loop import train_model
 
 GOOD = {"coffee.mp4", "more/rocket.mp4", "cat.mp4"}
 # The ids the dataset fixture's manifest gives its clips: SPLIT/LABEL/NAME without the suffix.

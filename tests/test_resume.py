@@ -17,6 +17,7 @@ from train import loop
 from train.config import TRAINABLE_MODELS, TrainConfig
 from train.layout import CHECKPOINT, COMPLETE_MARK, EPOCHS_FILE, LAST_STATE
 from train.loop import train_model
+from tests.conftest import QUIET
 
 EPOCHS = 4
 STOP_AFTER = 2  # epochs finished before the interruption
@@ -45,7 +46,7 @@ def interrupted(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(loop, "_train_epoch", stopping)
         with pytest.raises(KeyboardInterrupt):
-            train_model(config, progress=False, log=lambda line: None)
+            train_model(config, **QUIET)
 
 
 def scores(folder: Path) -> list[list[str]]:
@@ -60,7 +61,7 @@ def weights(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(signal, tmp_path_factory) -> Path:
     config = config_for(signal, tmp_path_factory.mktemp("runs") / "whole")
-    train_model(config, progress=False, log=lambda line: None)
+    train_model(config, **QUIET)
     return config.run_folder
 
 
@@ -92,7 +93,7 @@ def test_an_interrupted_run_resumes_after_its_latest_epoch_bit_for_bit(signal, u
 def test_every_other_model_resumes_bit_for_bit(signal, tmp_path, model, monkeypatch):
     """Their own state included: c3d's batch-norm statistics, each stream's encoder."""
     whole, cut = (config_for(signal, tmp_path / name, model) for name in ("whole", "cut"))
-    train_model(whole, progress=False, log=lambda line: None)
+    train_model(whole, **QUIET)
     interrupted(cut, monkeypatch)
     said = []
     train_model(cut, progress=False, log=said.append)

@@ -18,13 +18,17 @@ from features.writer import ShardWriter
 from features.schema import shard_name
 from train.compare import run_compare
 from features.tools import inspect, merge, repack
-from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, in_memory_bytes, make_loader, preloaded
-from train.packed import packed_in_memory
+from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, make_loader, model_inputs
+from train.packed import in_memory_bytes, packed_in_memory, preloaded
 from train.config import TrainConfig
-from train.loop import MixedPrecision, TimedLoader, TrainError, class_weights, evaluate_run, load_run, model_inputs, train_model
+from train.config import TrainError
+from train.evaluation import evaluate_run
+from train.loop import MixedPrecision, TimedLoader, class_weights, train_model
+from train.runs import load_run
 from tests.cli_runs import one_line_error, run_cli
 from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
+from tests.conftest import QUIET, quiet
 
 # Every run here is on the CPU, where training is deterministic for a seed (README, "Training").
 CPU = dict(device="cpu")
@@ -43,7 +47,7 @@ def both_signal(tmp_path_factory):
 
 def accuracy_of(model: str, features: Path, out: Path, **changes) -> float:
     config = TrainConfig(model=model, features=features, out=out / model, **{**FAST, **changes})
-    return train_model(config, progress=False, log=lambda line: None).accuracy
+    return train_model(config, **QUIET).accuracy
 
 
 @pytest.mark.parametrize("model", ["face", "concat", "parallel", "caca", "caca-b"])
@@ -111,7 +115,7 @@ def test_float16_steps_scale_the_loss_and_give_the_optimiser_true_gradients_or_s
 @pytest.fixture(scope="module")
 def caca_run(both_signal, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "caca"
-    train_model(TrainConfig(model="caca", features=both_signal, out=out, **FAST), progress=False, log=lambda l: None)
+    train_model(TrainConfig(model="caca", features=both_signal, out=out, **FAST), **QUIET)
     return out
 
 
@@ -126,7 +130,7 @@ def with_faceless_frames(clip: dict, extra: int) -> dict:
 
 
 def test_faceless_frames_and_padding_do_not_change_a_prediction(both_signal, caca_run):
-    model, _ = load_run(caca_run, torch.device("cpu"))
+    model = load_run(caca_run, torch.device("cpu")).model
     with open_features(both_signal / "val") as features:
         clip, other = (features[i] for i in features.clip_ids[:2])
 
@@ -145,7 +149,7 @@ def test_training_is_deterministic_given_a_seed(both_signal, tmp_path):
     runs = [TrainConfig(model="parallel", features=both_signal, out=tmp_path / f"r{i}", epochs=3, seed=7, **CPU)
             for i in (0, 1)]
     for config in runs:
-        train_model(config, progress=False, log=lambda line: None)
+        train_model(config, **QUIET)
     assert (runs[0].run_folder / "epochs.csv").read_text().split("\n")[1].split(",")[:4] == \
         (runs[1].run_folder / "epochs.csv").read_text().split("\n")[1].split(",")[:4]
     a, b = (torch.load(c.run_folder / "best.pt", weights_only=False)["model"] for c in runs)
@@ -272,12 +276,12 @@ def test_compare_tables_the_runs_medians_and_ranges_and_resumes_without_training
 def test_a_run_of_another_precision_is_not_reused_by_compare_and_one_without_the_field_is_float32(
         face_signal, tmp_path):
     base = TrainConfig(model="face", features=face_signal, epochs=1, **CPU)
-    run_compare(base, ["face"], seeds=1, out=tmp_path, log=lambda line: None)
+    run_compare(base, ["face"], seeds=1, out=tmp_path, log=quiet)
     config_file = tmp_path / "face-seed0" / "config.json"
     assert json.loads(config_file.read_text())["precision"] == "float32"
-    with pytest.raises(TrainError, match="precision 'float32' there, 'bfloat16' here"):
+    with pytest.raises(TrainError, match="there != here: precision: 'float32' != 'bfloat16'"):
         run_compare(dataclasses.replace(base, precision="bfloat16"), ["face"], seeds=1, out=tmp_path,
-                    log=lambda line: None)
+                    log=quiet)
 
     older = json.loads(config_file.read_text())
     del older["precision"]  # a run trained before the setting existed, in float32
@@ -325,7 +329,7 @@ def test_class_weighting_weights_the_training_loss_by_inverse_class_frequency(tm
         RecordedLoss.calls = []
         config = TrainConfig(model="face", features=tmp_path / "features", out=tmp_path / f"weighting-{weighting}",
                              epochs=1, batch_size=len(train_labels), class_weighting=weighting, **CPU)
-        train_model(config, progress=False, log=lambda line: None)
+        train_model(config, **QUIET)
         (first_calls[weighting],) = RecordedLoss.calls  # one epoch of one batch
 
     counts = np.bincount(train_labels, minlength=len(extractor_attrs()["classes"]))
@@ -398,7 +402,7 @@ def test_a_model_trains_on_only_the_arrays_it_reads(both_signal, tmp_path, monke
 
     monkeypatch.setattr(FeatureSet, "read", recording)
     config = TrainConfig(model=model, features=both_signal, out=tmp_path / "run", preload="never", epochs=1, **CPU)
-    train_model(config, progress=False, log=lambda line: None)
+    train_model(config, **QUIET)
     assert read == {"has_face", *{"face": ["face"], "context": ["context"], "c3d": ["face_map"]}.get(model, ["face", "context"])}
 
 
@@ -424,4 +428,4 @@ def test_an_uncompressed_and_a_gzip_part_merge_and_train_together(tmp_path):
     merge([root / "part-a", tmp_path / "part-b-none"], root / "train")
     assert "gzip in 1 of 2 shards, none in 1 of 2 shards" in inspect(root / "train")
     config = TrainConfig(model="face", features=root, out=tmp_path / "run", preload="never", **FAST)
-    assert train_model(config, progress=False, log=lambda line: None).accuracy > 0.9
+    assert train_model(config, **QUIET).accuracy > 0.9

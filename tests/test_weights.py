@@ -14,6 +14,7 @@ import pytest
 
 from extract import weights
 from extract.weights import UrlSource, WeightSpec, WeightsError
+from tests.conftest import quiet
 
 
 def sha(data: bytes) -> str:
@@ -105,7 +106,7 @@ def test_a_bad_download_never_replaces_what_is_in_the_cache(tmp_path, fake_spec)
     (cache / "test.bin").write_bytes(b"corrupt old copy")
     fake_spec(right, UrlSource((tmp_path / "wrong.bin").as_uri()))
     with pytest.raises(WeightsError, match="expected"):
-        weights.fetch("test-weight", cache=cache, log=lambda line: None)
+        weights.fetch("test-weight", cache=cache, log=quiet)
     assert (cache / "test.bin").read_bytes() == b"corrupt old copy"
     assert sorted(p.name for p in cache.iterdir()) == ["test.bin"]
 
@@ -136,7 +137,7 @@ def test_no_network_is_one_clear_line(tmp_path, fake_spec, monkeypatch):
         url = f"http://127.0.0.1:{reserved.getsockname()[1]}/x.bin"
         fake_spec(b"x", UrlSource(url))
         with pytest.raises(WeightsError) as err:
-            weights.fetch("test-weight", cache=tmp_path, log=lambda line: None)
+            weights.fetch("test-weight", cache=tmp_path, log=quiet)
     message = str(err.value)
     assert message.startswith(f"weight 'test-weight' could not be fetched (could not download {url}"
                               " (no network connection to 127.0.0.1: ")

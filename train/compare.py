@@ -17,9 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import os
-import re
 from pathlib import Path
 from statistics import median
 from typing import Callable
@@ -29,13 +27,16 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from outputs import claim_folder, is_temporary, write_atomically
-from train.config import DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TRAINABLE_MODELS, TrainConfig
-from train.ensemble import fit_ensemble
-from train.layout import COMPLETE_MARK, CONFIG_FILE, run_name
-from train.loop import (
-    ENSEMBLE_MODEL, TrainError, evaluate_run, open_split, read_json_object, train_model,
+from train.config import (
+    DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TRAINABLE_MODELS, TrainConfig, TrainError,
 )
+from train.data import open_split
+from train.ensemble import fit_ensemble
+from train.evaluation import evaluate_run
+from train.layout import COMPLETE_MARK, run_name, run_name_pattern
+from train.loop import stored_differences, train_model
 from train.models import build_model, paper_parameter_count, parameter_counts, parameter_report
+from train.runs import ENSEMBLE_MODEL, read_metrics
 
 # Table I: validation mAP and accuracy (%) on MEC 2017, median of five seeds.
 PAPER_TABLE_I = {
@@ -58,7 +59,7 @@ PAPER_TABLE_II = {
 ENSEMBLED = ("caca", SPATIOTEMPORAL)
 NOT_IN_PAPER = "-"
 TABLE_FILES = ("table.md", "table.csv", "table-ii.csv", "parameters.txt")
-RUN_FOLDER = re.compile(rf"({'|'.join(map(re.escape, (*TRAINABLE_MODELS, 'ensemble')))})-seed\d+")
+RUN_FOLDER = run_name_pattern((*TRAINABLE_MODELS, ENSEMBLE_MODEL))
 
 
 def writes_into_comparison(name: str) -> bool:
@@ -114,22 +115,20 @@ def finished_as(config: TrainConfig, overwrite: bool) -> bool:
     folder = config.run_folder
     if not (folder / COMPLETE_MARK).exists():
         return False
-    stored = read_json_object(folder / CONFIG_FILE)
-    differences = config.differences(stored) if stored is not None else [f"{CONFIG_FILE} unreadable"]
+    differences = stored_differences(folder, config)
     if differences and not overwrite:
-        raise TrainError(f"{folder} is a finished run of other settings ({'; '.join(differences)}): use another"
-                         " --out, or pass --overwrite to train it again")
+        raise TrainError(f"{folder} is a finished run of other settings (there != here: {'; '.join(differences)}):"
+                         " use another --out, or pass --overwrite to train it again")
     return not differences
 
 
 def _run_scores(folder: Path) -> tuple[float, float]:
     """(mAP %, accuracy %) of a finished run or ensemble, from its metrics.json."""
-    metrics = read_json_object(folder / COMPLETE_MARK) or {}
-    scores = [metrics.get(key) for key in ("map", "accuracy")]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
-               for v in scores):
-        raise TrainError(f"{folder / COMPLETE_MARK}: no mAP and accuracy between 0 and 1; train the run again")
-    return scores[0] * 100, scores[1] * 100
+    metrics = read_metrics(folder)
+    if metrics is None:
+        raise TrainError(f"{folder / COMPLETE_MARK}: not the metrics of a run (mAP and accuracy between 0 and 1,"
+                         " per-class AP, confusion, classes, count); train the run again")
+    return metrics.map * 100, metrics.accuracy * 100
 
 
 def _table(csv_path: Path, header: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,6 +1,6 @@
 """Stage 2's data: clips read from feature shards, as padded batches of aligned face and context steps.
 
-Frames without a face (one policy, `train.packed.step_frames_mask`): the paper pairs each detected face with its frame
+Frames without a face (one policy, `step_frames_mask`): the paper pairs each detected face with its frame
 ("with each detected face, corresponding context stream contains the original frame"), so a
 clip's steps are its frames WITH a face, in time order, for both streams. A clip where no
 frame has a face still gets a prediction: its steps are all its frames, with face features
@@ -18,23 +18,30 @@ frame, 8x the memory of the face features). Every input follows the same steps.
 Preloaded splits (train/packed.py) hold every clip's steps in one array per input; their
 batches are gathered whole and equal, bit for bit, the batches `collate` makes of the same
 clips read from the shards, except that each input keeps its stored dtype.
+
+A split's features are opened here (`open_split`) and must be comparable with the features a
+run learnt from (`check_comparable`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from features.reader import FeatureSet
-from features.schema import shard_frame_arrays
-from train.packed import PackedSteps, preload_steps, step_frames_mask
-from train.config import UNLABELLED
+from features.reader import FeatureSet, open_features
+from features.schema import comparable
+from outputs import check_plain_name
+from train.config import UNLABELLED, TrainError
+
+if TYPE_CHECKING:
+    from train.packed import PackedSteps
 
 # The per-frame arrays (shard datasets) a model can take as steps, by name: `model(inputs, mask)`
 # with `inputs` the arrays of `model.inputs`, listed in this order. The rest of a clip (boxes,
@@ -42,36 +49,25 @@ from train.config import UNLABELLED
 STEP_INPUTS = ("face", "context", "face_map")
 
 
-# "auto" packs a split in memory, when the steps cache cannot be used, if its arrays take at
-# most this share of the memory available now; otherwise it reads the shards every epoch.
-PRELOAD_MEMORY_SHARE = 0.5
+def open_split(root: Path, split: str) -> FeatureSet:
+    """The features of `split` under the feature root `root`; TrainError when there are none."""
+    folder = Path(root) / check_plain_name(split, "split")
+    if not folder.is_dir():
+        raise TrainError(f"no features for split '{split}' in {root}: run `python cli.py extract --split {split}` first")
+    return open_features(folder)
 
 
-def in_memory_bytes(features: FeatureSet, inputs: tuple[str, ...]) -> int:
-    """What `inputs` of every frame take in memory, as stored (face float32, context and maps float16 by default)."""
-    arrays = shard_frame_arrays(features.attrs)
-    per_frame = sum(arrays[name][0].itemsize * int(np.prod(arrays[name][1])) for name in inputs)
-    return features.n_frames * per_frame
+def check_comparable(reference: dict, other: dict, what: str) -> None:
+    """TrainError naming `what` when features of the attributes `other` cannot be mixed with `reference`'s."""
+    differences = comparable(reference, other)
+    if differences:
+        raise TrainError(f"{what} were made with other settings ({'; '.join(differences)})")
 
 
-def fits_in_memory(features: FeatureSet, inputs: tuple[str, ...]) -> bool:
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return in_memory_bytes(features, inputs) <= PRELOAD_MEMORY_SHARE * available
-
-
-def preloaded(features: FeatureSet, choice: str, inputs: tuple[str, ...], what: str,
-              log: Callable[[str], None]) -> PackedSteps | None:
-    """The split's packed steps for `--preload choice`, None to read the shards every epoch.
-
-    "always" and "auto" map the steps cache (train/packed.py), which removes reading and
-    decompression from every epoch; where the cache cannot be written, "always" packs the
-    steps in memory, and "auto" does so only when they fit.
-    """
-    if choice == "never":
-        return None
-    if choice == "auto" and not fits_in_memory(features, inputs):
-        return preload_steps(features, inputs, what, log, fallback=False)
-    return preload_steps(features, inputs, what, log)
+def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
+    """Which frames are a clip's steps: its frames with a face, all of them when none has one
+    (the policy in this module's notes)."""
+    return has_face if has_face.any() else np.ones(len(has_face), bool)
 
 
 @dataclass
@@ -263,6 +259,17 @@ def padded(arrays: list[np.ndarray], steps: int) -> torch.Tensor:
     for row, array in enumerate(arrays):
         out[row, : len(array)] = array
     return torch.from_numpy(out)
+
+
+def model_inputs(model: nn.Module, batch: dict, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What `model(inputs, mask)` takes from a collated batch, on `device`: the arrays it declares, and the mask.
+
+    Inputs keep their dtype on the way (float16 context is half the bytes to copy); each model
+    computes in its weights' dtype from there. From page-locked memory the copies run
+    asynchronously.
+    """
+    return ({name: batch[name].to(device, non_blocking=True) for name in model.inputs},
+            batch["mask"].to(device, non_blocking=True))
 
 
 def make_loader(

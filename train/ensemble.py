@@ -14,30 +14,28 @@ An ensemble folder:
                   split, each member's and the ensemble's scores there
   features.json   the members' (comparable) feature attributes
   metrics.json    the ensemble's metrics on the fitting split (written last: it is complete)
-It loads like a run (`train.loop.load_run`), so `evaluate` and `predict` take it as --run.
+ensemble.json is written and read by train/runs.py (`EnsembleSpec`), which loads the folder like a run, so
+`evaluate` and `predict` take it as --run.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
 
 from devices import resolve_device
-from outputs import check_output_folder, is_temporary, same_file
-from train.config import DEFAULT_RUNS, UNLABELLED
+from outputs import check_output_folder, is_temporary, same_file, write_json
+from train.config import DEFAULT_RUNS, DEFAULT_VAL_SPLIT, UNLABELLED, TrainError
+from train.data import check_comparable
+from train.evaluation import labelled_metrics, split_probabilities
 from train.layout import COMPLETE_MARK, ENSEMBLE_FILE, ENSEMBLE_FILES, EVAL_PREFIX, FEATURES_FILE
-from train.loop import (
-    TrainError, check_comparable, labelled_metrics, load_run,
-    split_probabilities, write_json,
-)
 from train.metrics import Metrics
+from train.runs import EnsembleSpec, Fitting, LoadedRun, Scores, load_run, relative_member
 
 WEIGHT_STEP = 0.05
 MAX_GRID_MEMBERS = 3
-EVAL_BATCH_SIZE = 64
 
 
 def default_folder(runs: list[Path]) -> Path:
@@ -49,11 +47,11 @@ def writes_into_ensemble(name: str) -> bool:
     return name in ENSEMBLE_FILES or name.startswith(EVAL_PREFIX) or is_temporary(name)
 
 
-def check_member(run: Path, checkpoint: dict, first_run: Path, first: dict) -> None:
+def check_member(member: LoadedRun, first: LoadedRun) -> None:
     """A member must read features made like the first member's and predict the same classes."""
-    check_comparable(first["attrs"], checkpoint["attrs"], f"the features of member {run}")
-    if checkpoint["classes"] != first["classes"]:
-        raise TrainError(f"member {run} predicts other classes than {first_run}")
+    check_comparable(first.attrs, member.attrs, f"the features of member {member.folder}")
+    if member.classes != first.classes:
+        raise TrainError(f"member {member.folder} predicts other classes than {first.folder}")
 
 
 def simplex_grid(members: int) -> list[tuple[float, ...]]:
@@ -102,7 +100,7 @@ def mixed(probabilities: list[np.ndarray], weights) -> np.ndarray:
     return sum(w * p for w, p in zip(weights, probabilities))
 
 
-def fit_ensemble(runs: list[Path], split: str = "val", features: Path | None = None, out: Path | None = None,
+def fit_ensemble(runs: list[Path], split: str = DEFAULT_VAL_SPLIT, features: Path | None = None, out: Path | None = None,
                  device: str | None = None, overwrite: bool = False) -> Path:
     """Fit the members' weights on `split`, write the ensemble folder; returns it.
 
@@ -123,32 +121,27 @@ def fit_ensemble(runs: list[Path], split: str = "val", features: Path | None = N
                          " to fit it again")
     torch_device = resolve_device(device)
     members = [load_run(Path(run), torch_device) for run in runs]
-    first = members[0][1]
-    for run, (_, checkpoint) in zip(runs[1:], members[1:]):
-        check_member(run, checkpoint, runs[0], first)
-    outputs = [split_probabilities(model, checkpoint, split, features, torch_device, EVAL_BATCH_SIZE)
-               for model, checkpoint in members]
+    for member in members[1:]:
+        check_member(member, members[0])
+    outputs = [split_probabilities(member, split, features, torch_device) for member in members]
     ids, labels, _ = outputs[0]
     if any(other_ids != ids for other_ids, _, _ in outputs[1:]):
         raise TrainError(f"the members read different clips of '{split}': pass --features to use one feature root")
     if (labels == UNLABELLED).all():
         raise TrainError(f"the {split} features have no labels to fit the weights on: choose a labelled --split")
     probabilities = [p for _, _, p in outputs]
-    classes = list(first["classes"])
+    classes = list(members[0].classes)
     weights = fit_weights(labels, probabilities, classes)
     member_scores = [labelled_metrics(labels, p, classes) for p in probabilities]
     ensemble_scores = labelled_metrics(labels, mixed(probabilities, weights), classes)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COMPLETE_MARK).unlink(missing_ok=True)  # complete again only once everything below is written
-    write_json(folder / ENSEMBLE_FILE, {
-        "members": [os.path.relpath(Path(run).resolve(), folder.resolve()) for run in runs],
-        "weights": list(weights), "classes": classes, "split": split,
-        "member_scores": [scores_of(m) for m in member_scores], "ensemble_scores": scores_of(ensemble_scores),
-    })
-    write_json(folder / FEATURES_FILE, first["attrs"])
+    fitting = Fitting(split, [scores_of(m) for m in member_scores], scores_of(ensemble_scores))
+    EnsembleSpec([relative_member(run, folder) for run in runs], list(weights), classes, fitting).write(folder)
+    write_json(folder / FEATURES_FILE, members[0].attrs)
     write_json(folder / COMPLETE_MARK, {**ensemble_scores.to_json(), "split": split})
     return folder
 
 
-def scores_of(metrics: Metrics) -> dict:
-    return {"map": metrics.map, "accuracy": metrics.accuracy}
+def scores_of(metrics: Metrics) -> Scores:
+    return Scores(metrics.map, metrics.accuracy)

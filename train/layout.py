@@ -15,6 +15,7 @@ writes metrics.json, predictions.csv and confusion.png into the run's eval-SPLIT
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 CONFIG_FILE = "config.json"
@@ -33,9 +34,19 @@ PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "confusion.png"
 
 
+RUN_NAME = "{model}-seed{seed}"
+
+
 def run_name(model: str, seed: int) -> str:
     """The folder of one model and seed, under runs/ or a comparison's folder."""
-    return f"{model}-seed{seed}"
+    return RUN_NAME.format(model=model, seed=seed)
+
+
+def run_name_pattern(models: tuple[str, ...]) -> re.Pattern:
+    """Matches the run names (`run_name`) of these models and any seed."""
+    model = "|".join(map(re.escape, models))
+    return re.compile(re.escape(RUN_NAME).replace(re.escape("{model}"), f"(?:{model})").replace(
+        re.escape("{seed}"), r"\d+"))
 
 
 def evaluation_folder(run: Path, split: str) -> Path:

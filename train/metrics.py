@@ -13,7 +13,7 @@ finite) raise `ValueError` rather than produce a number.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from manifests.spreadsheet import neutralised
 from outputs import write_atomically
 from train.config import UNLABELLED
+from values import are_distinct_names, is_int, is_number
 
 PROBABILITY_PREFIX = "p_"
 
@@ -83,6 +84,23 @@ class Metrics:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data) -> Metrics | None:
+        """The metrics of a metrics.json (whose other keys, such as the split, are left); None when they are not."""
+        if not isinstance(data, dict) or any(field.name not in data for field in fields(cls)):
+            return None
+        values = {field.name: data[field.name] for field in fields(cls)}
+        scores = [values["map"], values["accuracy"], *(values["per_class_ap"].values()
+                                                       if isinstance(values["per_class_ap"], dict) else [None])]
+        confusion = values["confusion"]
+        if not (all(is_number(score) and 0 <= score <= 1 for score in scores)
+                and all(isinstance(name, str) for name in values["per_class_ap"])
+                and are_distinct_names(values["classes"]) and is_int(values["count"]) and values["count"] >= 0
+                and isinstance(confusion, list) and all(isinstance(row, list) and all(is_int(n) for n in row)
+                                                        for row in confusion)):
+            return None
+        return cls(**values)
 
 
 def compute_metrics(y_true: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> Metrics:

@@ -43,7 +43,8 @@ import numpy as np
 
 from features.reader import FeatureSet, absolute
 from features.schema import shard_frame_arrays
-from outputs import is_temporary, user_cache, write_atomically
+from outputs import fsync_path, is_temporary, read_json_object, user_cache, write_atomically, write_json
+from train.data import step_frames_mask
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,14 @@ SYNCED_SUFFIX = ".synced"
 BOOT_MARGIN = 1.0
 
 
+# "auto" packs a split in memory, when the steps cache cannot be used, if its arrays take at
+# most this share of the memory available now; otherwise it reads the shards every epoch.
+PRELOAD_MEMORY_SHARE = 0.5
+
+
 def steps_cache_dir() -> Path:
     """$CACA_STEPS_DIR, else ~/.cache/caca-rnn/steps."""
     return user_cache("steps", CACHE_ENV)
-
-
-def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
-    """Which frames are a clip's steps: its frames with a face, all of them when none has one
-    (the policy in `train/data.py`'s notes)."""
-    return has_face if has_face.any() else np.ones(len(has_face), bool)
 
 
 @dataclass
@@ -179,10 +179,7 @@ def remove_replaced(root: Path, current: Path, shards: list[str]) -> list[tuple[
 
 def source_shards(folder: Path) -> list[str] | None:
     """The shard paths a folder's source file names; None when it has no readable one."""
-    try:
-        shards = json.loads((folder / SOURCE_FILE).read_text())["shards"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    shards = (read_json_object(folder / SOURCE_FILE) or {}).get("shards")
     return shards if isinstance(shards, list) and all(isinstance(path, str) for path in shards) else None
 
 
@@ -239,17 +236,11 @@ def sync_in_background(paths: list[Path]) -> None:
     def sync() -> None:
         for path in paths:
             try:
-                with open(path, "rb") as file:
-                    os.fsync(file.fileno())
-                    if os.fstat(file.fileno()).st_ino == os.stat(path).st_ino:  # still the file the cache names
-                        synced_marker(path).touch()
+                if fsync_path(path).st_ino == os.stat(path).st_ino:  # still the file the cache names
+                    synced_marker(path).touch()
             except OSError as exc:
                 logger.debug("steps cache file %s not synced: %s", path, exc)
-        folder = os.open(paths[0].parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_path(paths[0].parent)
 
     threading.Thread(target=sync, name="steps-cache-sync", daemon=True).start()
 
@@ -321,7 +312,7 @@ def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> t
             written += [name] if new else []
         if written:
             source = {"shards": shard_paths(features), "clips": len(features)}
-            write_atomically(folder / SOURCE_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=1)))
+            write_json(folder / SOURCE_FILE, source)
             sync_in_background([folder / f"{name}.npy" for name in written])
     return PackedSteps(np.array(offsets), arrays, folder), written
 
@@ -363,3 +354,30 @@ def preload_steps(features: FeatureSet, inputs: tuple[str, ...], what: str, log:
     else:
         logger.info("%s steps mapped from %s", what, steps.folder)
     return steps
+
+
+def in_memory_bytes(features: FeatureSet, inputs: tuple[str, ...]) -> int:
+    """What `inputs` of every frame take in memory, as stored (face float32, context and maps float16 by default)."""
+    arrays = shard_frame_arrays(features.attrs)
+    per_frame = sum(arrays[name][0].itemsize * int(np.prod(arrays[name][1])) for name in inputs)
+    return features.n_frames * per_frame
+
+
+def fits_in_memory(features: FeatureSet, inputs: tuple[str, ...]) -> bool:
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return in_memory_bytes(features, inputs) <= PRELOAD_MEMORY_SHARE * available
+
+
+def preloaded(features: FeatureSet, choice: str, inputs: tuple[str, ...], what: str,
+              log: Callable[[str], None]) -> PackedSteps | None:
+    """The split's packed steps for `--preload choice`, None to read the shards every epoch.
+
+    "always" and "auto" map the steps cache, which removes reading and decompression from every
+    epoch; where the cache cannot be written, "always" packs the steps in memory, and "auto"
+    does so only when they fit.
+    """
+    if choice == "never":
+        return None
+    if choice == "auto" and not fits_in_memory(features, inputs):
+        return preload_steps(features, inputs, what, log, fallback=False)
+    return preload_steps(features, inputs, what, log)

@@ -17,8 +17,7 @@ does not is reported in one line and the run starts over.
 from __future__ import annotations
 
 import json
-import pickle
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from outputs import write_atomically
 from train.config import TrainConfig
 from train.layout import CHECKPOINT
 from train.metrics import Metrics
+from train.runs import Checkpoint, loaded
 
 STATE_KEYS = ("model", "optimiser", "scaler", "epoch", "rows", "best", "best_epoch", "rng", "config")
 EPOCH_COLUMNS = 6  # epochs.csv's: epoch, train_loss, val_map, val_accuracy, data_seconds, seconds
@@ -67,30 +67,11 @@ def read_state(path: Path, config: TrainConfig, model: nn.Module, optimiser: tor
     if problem is None:
         # best.pt is written before last.pt: a run stopped between the two has a best.pt of an
         # epoch the state does not know, which resuming could leave in place of the best one.
-        best, problem = loaded(path.parent / CHECKPOINT)
-        problem = problem and f"{CHECKPOINT} {problem}"
-        if problem is None and (not isinstance(best, dict) or best.get("epoch") != state["best_epoch"]):
+        best, problem = Checkpoint.checked(path.parent / CHECKPOINT, "cpu")
+        problem = problem and f"{CHECKPOINT}: {problem}"
+        if problem is None and best.epoch != state["best_epoch"]:
             problem = f"{CHECKPOINT} is not the checkpoint of the best epoch it saved ({state['best_epoch']})"
     return (None, problem) if problem else (state, None)
-
-
-def loaded(path: Path, device: torch.device | str = "cpu") -> tuple[object, str | None]:
-    """A file of a run folder saved by torch.save (last.pt, best.pt), loaded with torch's
-    weights-only unpickler, which refuses any object but tensors and plain values, so loading
-    never runs code: (contents, None), or (None, what is wrong with the file)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True), None
-    except FileNotFoundError:
-        return None, "is missing"
-    except pickle.UnpicklingError:
-        return None, ("not loaded: it is damaged, or holds Python objects besides tensors and plain values, which"
-                      " loading could run as code (this toolkit never writes those)")
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        return None, f"not readable ({first_sentence(str(exc)) or type(exc).__name__})"
-
-
-def first_sentence(text: str) -> str:
-    return text.splitlines()[0].split(". ")[0] if text else ""
 
 
 def state_problem(state, config: TrainConfig, model: nn.Module, optimiser: torch.optim.Optimizer,
@@ -98,7 +79,11 @@ def state_problem(state, config: TrainConfig, model: nn.Module, optimiser: torch
     """What keeps `state` from resuming this run, or None."""
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         return f"not a saved training state (it needs {', '.join(STATE_KEYS)})"
-    if not (isinstance(state["config"], dict) and plain(state["config"])) or config.differences(state["config"]):
+    try:
+        stored = TrainConfig.from_json(state["config"])
+    except ValueError:
+        stored = None
+    if stored is None or config.differences(stored):
         return "saved by a run of other settings"
     epoch = state["epoch"]
     if type(epoch) is not int or not 1 <= epoch < config.epochs:
@@ -107,7 +92,7 @@ def state_problem(state, config: TrainConfig, model: nn.Module, optimiser: torch
             isinstance(row, list) and len(row) == EPOCH_COLUMNS and all(isinstance(cell, str) for cell in row)
             for row in state["rows"])):
         return f"it does not hold the epochs.csv rows of its {epoch} epoch(s)"
-    if metrics_of(state["best"]) is None or type(state["best_epoch"]) is not int or not 1 <= state["best_epoch"] <= epoch:
+    if Metrics.from_json(state["best"]) is None or type(state["best_epoch"]) is not int or not 1 <= state["best_epoch"] <= epoch:
         return "its best epoch and metrics are not an epoch's metrics"
     return (weights_problem(state["model"], model) or optimiser_problem(state["optimiser"], optimiser)
             or scaler_problem(state["scaler"], scaler) or rng_problem(state["rng"]))
@@ -125,15 +110,6 @@ def plain(value) -> bool:
 
 def same_plain(a, b) -> bool:
     return plain(a) and plain(b) and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def metrics_of(saved) -> Metrics | None:
-    """The metrics a state saved (written to metrics.json when the run ends), or None."""
-    if not (isinstance(saved, dict) and plain(saved) and set(saved) == {field.name for field in fields(Metrics)}):
-        return None
-    if not all(isinstance(saved[name], (int, float)) and not isinstance(saved[name], bool) for name in ("map", "accuracy")):
-        return None
-    return Metrics(**saved)
 
 
 def weights_problem(weights, model: nn.Module) -> str | None:
@@ -192,4 +168,4 @@ def restore(state: dict, model: nn.Module, optimiser: torch.optim.Optimizer, sca
     if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count() and all(
             saved.shape == torch.cuda.get_rng_state(index).shape for index, saved in enumerate(cuda)):
         torch.cuda.set_rng_state_all(cuda)
-    return Progress(state["epoch"], state["rows"], metrics_of(state["best"]), state["best_epoch"])
+    return Progress(state["epoch"], state["rows"], Metrics.from_json(state["best"]), state["best_epoch"])
