@@ -16,8 +16,8 @@ import click
 
 from devices import PRECISIONS
 from errors import UserError
-from extract.settings import BACKBONES, BACKENDS, DEFAULT_MANIFEST, ExtractSettings
-from features.recipe import CONTEXT_DTYPES, RECIPE_VALUES
+from extract.settings import AUDIO_FEATURES, BACKBONES, BACKENDS, DEFAULT_MANIFEST, ExtractSettings
+from features.recipe import CONTEXT_DTYPES, NO_AUDIO, RECIPE_VALUES
 from outputs import plain_name_problem
 from report.settings import DEFAULT_FRAMES, DEFAULT_SAMPLE
 from train.config import (
@@ -320,6 +320,14 @@ def manifest_check(manifest, split):
               help="How the frozen CNNs compute: float32 as trained; bfloat16 (recent CPUs) or float16 (GPUs)"
                    " is faster, with features close to float32's (see benchmarks/README.md).")
 @click.option("--save-crops", is_flag=True, help="Also store the 128x128 face crops (about 49 KB a frame before compression).")
+@click.option("--audio-features", type=click.Choice([*AUDIO_FEATURES, NO_AUDIO]), default=EXTRACTION["audio_features"],
+              show_default=True,
+              help="The voice per sampled frame, from the clip's audio track in the same pass: log-mel statistics"
+                   " (no download), eGeMAPS (pip install 'caca-rnn[egemaps]'; openSMILE's research licence), or"
+                   " none.")
+@click.option("--audio-window", type=Checked(float, RECIPE_VALUES, "audio_window"),
+              help="Seconds of audio summarised for each sampled frame, centred on it (default: the frame step,"
+                   " 1/fps, so the windows tile the clip).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @overwrite_option
 def extract(quiet, **options):
@@ -336,6 +344,7 @@ def extract(quiet, **options):
     \b
     Examples:
       python cli.py extract --split train
+      python cli.py extract --split train --audio-features none      # faces and context only
       python cli.py extract --manifest manifests/mine.csv --split val --out /data/feats \\
           --context-backbone mobilenet_v2 --workers 2
       python cli.py extract --split train --out /shared/feats --num-shards 3 --shard-index 0

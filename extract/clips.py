@@ -16,17 +16,19 @@ import numpy as np
 
 from extract import faces, face_cnn, retinaface, weights
 from extract.ahead import ahead
+from extract.audio import Heard, TrackReader, framer_for
 from extract.context_cnn import CONTEXT_SIZE, IMAGENET_MEAN, IMAGENET_STD, ContextCNN
 from extract.embed import ClipInProgress, Embedder, Networks, StageError, finished
 from extract.face_cnn import FaceCNN
 from extract.retinaface import RetinaFaceDetector
 from extract.settings import (
-    BACKBONES, FACE_BACKBONE, RECIPE_CHOICES, VARIANTS, ExtractSettings, NetworkChoice, detector_backbone_of,
+    AUDIO_FEATURES, BACKBONES, FACE_BACKBONE, RECIPE_CHOICES, VARIANTS, ExtractSettings, NetworkChoice,
+    detector_backbone_of,
 )
 from extract.video import VideoError, VideoInfo, probe, sample_frames
 from features.failures import Failure, file_stamp, one_line
 from features.labels import CHEAVD_CLASSES
-from features.recipe import FeatureRecipe
+from features.recipe import NO_AUDIO_SETTINGS, FeatureRecipe
 from features.schema import ClipFeatures
 from manifests.manifest import ClipEntry
 
@@ -57,7 +59,7 @@ def made_here(choices: dict, detector_backbone: str) -> FeatureRecipe:
     machine's weights."""
     context = BACKBONES[choices["context_backbone"]]
     unhashed = FeatureRecipe(
-        **choices,
+        **{**choices, **audio_settings(choices)},
         face_crop_size=faces.FACE_CROP_SIZE,
         face_crop_scale=faces.FACE_CROP_SCALE,
         context_size=CONTEXT_SIZE,
@@ -80,6 +82,17 @@ def made_here(choices: dict, detector_backbone: str) -> FeatureRecipe:
     )
     hashes = {key: weights.sha256_of(weights.verified_path(name)) for key, name in weight_names(unhashed).items()}
     return replace(unhashed, **hashes)
+
+
+def audio_settings(choices: dict) -> dict:
+    """The recipe's audio settings for these choices: those of the audio features chosen (the window by default
+    the frame step, so that the windows tile the clip), or all 0 without audio."""
+    kind = AUDIO_FEATURES.get(choices["audio_features"])
+    if kind is None:
+        return NO_AUDIO_SETTINGS
+    return {"audio_features": kind.name, "audio_rate": choices["audio_rate"], "audio_frame": kind.frame,
+            "audio_hop": kind.hop, "audio_bands": kind.bands,
+            "audio_window": choices["audio_window"] or 1 / choices["fps"], "audio_dim": 2 * kind.values}
 
 
 def weight_names(recipe: FeatureRecipe) -> dict[str, str]:
@@ -111,10 +124,11 @@ class Window:
 
 @dataclass(frozen=True)
 class ClipEnd:
-    """Every window of the clip has been decoded."""
+    """Every window of the clip has been decoded (and its audio track read, when the recipe hears)."""
 
     entry: ClipEntry
     info: VideoInfo
+    heard: Heard | None
 
 
 @dataclass(frozen=True)
@@ -129,10 +143,11 @@ class DecodeFailed:
 Decoded = Window | ClipEnd | DecodeFailed
 
 
-def _windows(path: Path, fps: float, size: int) -> Iterator[tuple[np.ndarray, list[float]]]:
-    """The clip's sampled frames in windows of `size` frames, or fewer when they would exceed WINDOW_BYTES."""
+def _windows(path: Path, fps: float, size: int, audio: TrackReader | None) -> Iterator[tuple[np.ndarray, list[float]]]:
+    """The clip's sampled frames in windows of `size` frames, or fewer when they would exceed WINDOW_BYTES; its
+    audio track, in the same pass, to `audio`."""
     frames, stamps = [], []
-    for sampled in sample_frames(path, fps=fps):
+    for sampled in sample_frames(path, fps=fps, audio=audio):
         frames.append(sampled.image)
         stamps.append(sampled.timestamp)
         if len(frames) >= min(size, max(1, WINDOW_BYTES // sampled.image.nbytes)):
@@ -142,21 +157,24 @@ def _windows(path: Path, fps: float, size: int) -> Iterator[tuple[np.ndarray, li
         yield np.stack(frames), stamps
 
 
-def _decoded(entries: list[ClipEntry], fps: float, size: int) -> Iterator[Decoded]:
-    """Every clip's windows of sampled frames, then its end, or its failure."""
+def _decoded(entries: list[ClipEntry], recipe: FeatureRecipe, size: int) -> Iterator[Decoded]:
+    """Every clip's windows of sampled frames, then its end (with its voice, when the recipe hears), or its
+    failure."""
+    framer = framer_for(recipe) if recipe.hears else None
     for entry in entries:
         try:
             info = probe(entry.path)
-            windows = 0
-            for frames, stamps in _windows(entry.path, fps, size):
-                windows += 1
-                yield Window(entry, frames, stamps)
-            if not windows:
+            audio = TrackReader(recipe, framer) if framer is not None else None
+            stamps = []
+            for frames, window_stamps in _windows(entry.path, recipe.fps, size, audio):
+                stamps += window_stamps
+                yield Window(entry, frames, window_stamps)
+            if not stamps:
                 raise VideoError(f"{entry.path}: no frames could be decoded")
         except Exception as exc:  # whatever this clip's file does, only this clip fails
             yield DecodeFailed(entry, exc)
             continue
-        yield ClipEnd(entry, info)
+        yield ClipEnd(entry, info, audio.heard(stamps) if audio is not None else None)
 
 
 def embed_clips(
@@ -174,7 +192,7 @@ def embed_clips(
     embedder = Embedder(networks, batch_size, keep_crops=keep_crops, detect_every=recipe.detect_every)
     in_flight: deque[ClipInProgress] = deque()
     clip = None
-    for step in ahead(_decoded(entries, recipe.fps, batch_size), DECODE_AHEAD):
+    for step in ahead(_decoded(entries, recipe, batch_size), DECODE_AHEAD):
         if clip is None:
             clip = ClipInProgress(step.entry)
         if isinstance(step, Window):
@@ -183,7 +201,7 @@ def embed_clips(
         if isinstance(step, DecodeFailed):
             embedder.fail(clip, "decode", step.error)
         else:
-            clip.info = step.info
+            clip.info, clip.heard = step.info, step.heard
         clip.all_windows_added = True
         in_flight.append(clip)
         clip = None
@@ -204,10 +222,18 @@ def _result(clip: ClipInProgress) -> ClipFeatures | Failure:
                 source_fps=clip.info.fps,
                 duration=clip.info.duration,
                 **clip.assemble(),
+                **heard_fields(clip.heard),
             )
         except Exception as exc:  # this clip's detections or features: only this clip fails
             clip.failed = StageError("assemble", exc)
     return clip_failure(entry.clip_id, entry.path, clip.failed)
+
+
+def heard_fields(heard: Heard | None) -> dict:
+    """ClipFeatures' audio fields of a clip's voice (none when the recipe does not hear)."""
+    if heard is None:
+        return {}
+    return {"audio": heard.audio, "has_audio": heard.has_audio, "audio_track": heard.track}
 
 
 def clip_failure(clip_id: str, path: Path, failed: StageError) -> Failure:

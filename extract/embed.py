@@ -26,6 +26,7 @@ from extract.context_cnn import ContextCNN, context_crops
 from extract.face_cnn import FACE_FEATURE_DIM, FACE_MAP_SHAPE, FaceCNN
 from extract.faces import choose_main_face, crop_every_face, detect_every_kth
 from extract.retinaface import FaceDetections, RetinaFaceDetector
+from extract.audio import Heard
 from extract.video import VideoInfo
 from manifests.manifest import ClipEntry
 
@@ -53,6 +54,7 @@ class ClipInProgress:
 
     entry: ClipEntry
     info: VideoInfo | None = None  # its video's, once its decoding has ended well
+    heard: Heard | None = None  # its voice, then, when the recipe hears
     frame_area: float = 0.0
     timestamps: list[float] = field(default_factory=list)
     detections: list[FaceDetections] = field(default_factory=list)

@@ -52,6 +52,7 @@ class Summary:
     skipped: int = 0
     frames: int = 0
     frames_with_face: int = 0
+    frames_with_audio: int | None = None  # None when the recipe does not hear
     seconds: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     earlier_failures: int = 0  # failed in an earlier run; not retried because the file is unchanged
@@ -61,10 +62,14 @@ class Summary:
         self.done += other.done
         self.frames += other.frames
         self.frames_with_face += other.frames_with_face
+        if other.frames_with_audio is not None:
+            self.frames_with_audio = (self.frames_with_audio or 0) + other.frames_with_audio
         self.failures += other.failures
 
     def describe(self) -> str:
         faces = f", face found in {self.frames_with_face / self.frames:.0%}" if self.frames else ""
+        if self.frames and self.frames_with_audio is not None:
+            faces += f", audio in {self.frames_with_audio / self.frames:.0%}"
         earlier = f" ({self.earlier_failures} in an earlier run, files unchanged)" if self.earlier_failures else ""
         return (
             f"{self.done} clips extracted, {self.skipped} already done, {len(self.failures)} failed{earlier};"
@@ -177,8 +182,10 @@ def extract_shard(
                 summary.done += 1
                 summary.frames += len(result.timestamps)
                 summary.frames_with_face += int(result.has_face.sum())
-                logger.info("%s: %d frames sampled, a face in %d", result.clip_id, len(result.timestamps),
-                            result.has_face.sum())
+                logger.info("%s: %d frames sampled, a face in %d%s", result.clip_id, len(result.timestamps),
+                            result.has_face.sum(), heard_line(result))
+                if result.has_audio is not None:
+                    summary.frames_with_audio = (summary.frames_with_audio or 0) + int(result.has_audio.sum())
             report()
         if writer is not None and not writer.n_clips:
             raise _NoClipStored
@@ -187,6 +194,15 @@ def extract_shard(
                 shard.name if summary.done else "(no shard)", summary.done, summary.frames, len(summary.failures),
                 time.monotonic() - started, os.getpid(), torch.get_num_threads())
     return summary
+
+
+def heard_line(clip: ClipFeatures) -> str:
+    """What -v says of a clip's voice: the frames it covered and its track's note."""
+    if clip.has_audio is None:
+        return ""
+    track = clip.audio_track
+    source = f"{track.codec} {track.rate} Hz, {track.channels} channel(s)" if track.codec else "no track"
+    return f", audio in {int(clip.has_audio.sum())} ({source}{'; ' + track.note if track.note and track.codec else ''})"
 
 
 def _shard_task(settings: ExtractSettings, attrs: dict, entries: list[ClipEntry], shard: Path):

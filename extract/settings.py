@@ -8,13 +8,14 @@ help at once; the modules that do the work import these names from here.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from devices import DEFAULT_PRECISION
 from errors import UserError
 from features.layout import DEFAULT_ROOT, PART_FOLDER
-from features.recipe import CONTEXT_DTYPES, RECIPE_ATTRS, FeatureRecipe
+from features.recipe import CONTEXT_DTYPES, NO_AUDIO, RECIPE_ATTRS, FeatureRecipe
 from outputs import check_plain_name
 from values import shown
 
@@ -29,6 +30,35 @@ DEFAULT_SCORE_THRESHOLD = 0.5
 # Sampled frames queued across clips for the networks (extract --batch-size, and predict's).
 DEFAULT_BATCH_SIZE = 64
 FACE_BACKBONE = "mini-xception-fer2013"  # the face CNN's weights, by registry name
+
+
+@dataclass(frozen=True)
+class AudioFeatures:
+    """A kind of audio features on offer: its analysis frames and what one sampled frame gets."""
+
+    name: str
+    frame: float  # seconds of one analysis frame
+    hop: float  # seconds between analysis frames
+    bands: int  # mel bands (0: not a spectrum)
+    values: int  # features of one analysis frame; a sampled frame gets their mean and standard deviation
+    package: str  # what to install for it, "" when it comes with this toolkit
+    install: str
+
+
+AUDIO_FEATURES = {
+    a.name: a
+    for a in (
+        AudioFeatures("logmel", 0.025, 0.010, 64, 64, "", ""),
+        # openSMILE's eGeMAPSv02 low-level descriptors, every 10 ms (extract/audio.py).
+        AudioFeatures("egemaps", 0.020, 0.010, 0, 25, "opensmile",
+                      "pip install 'caca-rnn[egemaps]' (openSMILE, audEERING's research licence: free for"
+                      " non-commercial use, products need a commercial licence)"),
+    )
+}
+DEFAULT_AUDIO = "logmel"
+# Every track is mixed to mono and resampled to this rate: speech carries its information below
+# 8 kHz, and both feature kinds are defined at 16 kHz.
+AUDIO_RATE = 16_000
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,9 @@ class ExtractSettings:
     context_dtype: str = CONTEXT_DTYPES[0]
     save_crops: bool = False
     precision: str = DEFAULT_PRECISION
+    audio_features: str = DEFAULT_AUDIO  # a key of AUDIO_FEATURES, or NO_AUDIO
+    audio_rate: int = AUDIO_RATE
+    audio_window: float | None = None  # seconds of audio per sampled frame; None: the frame step, 1 / fps
     num_shards: int | None = None
     shard_index: int | None = None
     backend: str = "local"
@@ -130,9 +163,10 @@ def detector_backbone_of(weight_name: str) -> str:
 
 def recipe_problems(recipe: FeatureRecipe) -> list[str]:
     """Why no extraction here could make features by `recipe`: values no recipe may hold (features.recipe's
-    rules), or networks this toolkit does not have. Empty when one could."""
+    rules), or networks and audio features this toolkit does not have. Empty when one could."""
     known = {"detector": [variant.weight_name for variant in VARIANTS.values()],
-             "face_backbone": [FACE_BACKBONE], "context_backbone": list(BACKBONES)}
+             "face_backbone": [FACE_BACKBONE], "context_backbone": list(BACKBONES),
+             "audio_features": [*AUDIO_FEATURES, NO_AUDIO]}
     unknown = [f"{key} {shown(getattr(recipe, key))} is not one this toolkit has ({', '.join(names)})"
                for key, names in known.items() if getattr(recipe, key) not in names]
     return recipe.problems() + unknown
@@ -177,3 +211,14 @@ def check_options(settings: ExtractSettings) -> None:
             importlib.import_module("distributed")
         except ImportError:
             raise ExtractError(f"--backend dask needs Dask's distributed package: {DASK_INSTALL}") from None
+    check_audio_features(settings.audio_features)
+    if settings.audio_window is not None and settings.audio_window < 2 * AUDIO_FEATURES[DEFAULT_AUDIO].hop:
+        raise ExtractError(f"--audio-window {settings.audio_window} is shorter than two analysis frames' hop;"
+                           f" give at least {2 * AUDIO_FEATURES[DEFAULT_AUDIO].hop} s")
+
+
+def check_audio_features(name: str) -> None:
+    """ExtractError when the audio features `name` need a package this machine lacks."""
+    kind = AUDIO_FEATURES.get(name)
+    if kind is not None and kind.package and importlib.util.find_spec(kind.package) is None:
+        raise ExtractError(f"--audio-features {name} needs {kind.package}: {kind.install}")

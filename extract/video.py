@@ -73,8 +73,12 @@ def header_duration(path) -> float:
         return _duration(container, stream)
 
 
-def sample_frames(path, fps: float = DEFAULT_FPS, threads: int = 0) -> Iterator[SampledFrame]:
+def sample_frames(path, fps: float = DEFAULT_FPS, threads: int = 0, audio=None) -> Iterator[SampledFrame]:
     """Yield the clip's frames sampled at `fps`, upright RGB, with their presentation times.
+
+    With `audio` (an `extract.audio.TrackReader`), the clip's audio track is demuxed in the same
+    pass and each of its packets handed to `audio.feed`; `audio.set_video_origin` learns the
+    first video frame's time on the container's clock. Nothing the audio does stops the video.
 
     The sampling rule (part of the feature format): times are in seconds from the first decoded
     frame's presentation time, and the grid is t_k = k / fps for k = 0, 1, 2... For each grid
@@ -98,8 +102,10 @@ def sample_frames(path, fps: float = DEFAULT_FPS, threads: int = 0) -> Iterator[
         clock = _PresentationClock(stream)
         pending = 0  # the grid index k still waiting for a frame
         kept = 0
-        for frame in _decoded_frames(path, container, stream):
+        for frame in _decoded_frames(path, container, stream, audio):
             seconds = clock.seconds(frame)
+            if audio is not None and clock.frames == 1:
+                audio.set_video_origin(clock.origin_seconds())
             if seconds < pending / fps - _TOLERANCE:
                 continue
             image = _upright(frame.to_ndarray(format="rgb24"), _clockwise_turn(frame))
@@ -131,11 +137,17 @@ def _open_video(path: Path):
         yield container, container.streams.video[0]
 
 
-def _decoded_frames(path: Path, container, stream) -> Iterator[av.VideoFrame]:
-    """The stream's frames in presentation order; damage FFmpeg detects is a VideoError."""
+def _decoded_frames(path: Path, container, stream, audio=None) -> Iterator[av.VideoFrame]:
+    """The stream's frames in presentation order; damage FFmpeg detects is a VideoError. With `audio`, the audio
+    track's packets go to it on the way."""
     decoded = 0
+    audio_stream = audio.open(container) if audio is not None else None
+    streams = (stream, audio_stream) if audio_stream is not None else (stream,)
     try:
-        for packet in container.demux(stream):
+        for packet in container.demux(*streams):
+            if packet.stream is audio_stream:
+                audio.feed(packet)
+                continue
             # A packet cut short can decode without an error (and does, with frame threading,
             # when other frames come out in the same call), so a truncated file would end
             # silently. The demuxer flags such a packet (a short read, a broken transport
@@ -183,6 +195,14 @@ class _PresentationClock:
         if source in self.backwards and source in self.last:
             self.backwards[source] += stamp <= self.last[source]
         self.last[source] = stamp
+
+    def origin_seconds(self) -> float:
+        """The first frame's time on the container's clock (the stream's start when its frames carry no times)."""
+        for source in ("pts", "dts"):
+            if source in self.origin:
+                return float(self.origin[source] * self.stream.time_base)
+        start = self.stream.start_time
+        return float(start * self.stream.time_base) if start is not None else 0.0
 
     def _trusted(self, stamps: dict) -> str:
         if stamps["pts"] is not None and (stamps["dts"] is None or self.backwards["pts"] <= self.backwards["dts"]):

@@ -38,7 +38,6 @@ from features import look
 from features.schema import (
     BUILT_IN_FILTERS,
     CHUNK_BYTES,
-    CLIP_COLUMNS,
     CLIPS,
     CONTENT_SHA256,
     FORMAT_VERSION,
@@ -50,6 +49,10 @@ from features.schema import (
     STRING_COLUMNS,
     FeatureFileError,
     attr_problems,
+    AUDIO_CLIP_COLUMNS,
+    CLIP_COLUMNS,
+    AudioTrack,
+    clip_columns,
     column_length_problems,
     comparable,
     content_sha256,
@@ -172,10 +175,11 @@ def stored_attrs(handle: h5py.File) -> dict:
     return decode_attrs({attr.name.decode(): stored_value(attr) for attr in attrs})
 
 
-def read_clip_table(handle: h5py.File) -> dict[str, list]:
-    """The clip table as lists (column -> values); read only once `table_layout_problems` found none."""
+def read_clip_table(handle: h5py.File, attrs: dict) -> dict[str, list]:
+    """The clip table of a shard of these attributes as lists (column -> values); read only once
+    `table_layout_problems` found none."""
     table = {}
-    for column in CLIP_COLUMNS:
+    for column in clip_columns(attrs):
         dataset = handle[f"{CLIPS}/{column}"]
         table[column] = (dataset.asstr()[()] if column in STRING_COLUMNS else dataset[()]).tolist()
     return table
@@ -255,23 +259,24 @@ def frame_problems(handle: h5py.File, attrs: dict, file_size: int) -> tuple[int,
     return (lengths.pop() if len(lengths) == 1 else 0), problems
 
 
-def column_kind_matches(column: str, dtype: np.dtype) -> bool:
+def column_kind_matches(column: str, dtype: np.dtype, expected: np.dtype) -> bool:
     """Strings stored as variable-length strings, numbers as the schema's kind (float or signed int) of any width."""
     if column in STRING_COLUMNS:
         info = h5py.check_string_dtype(dtype)
         return info is not None and info.length is None
-    return dtype.kind == CLIP_COLUMNS[column].kind
+    return dtype.kind == expected.kind
 
 
-def table_layout_problems(handle: h5py.File, n_frames: int, file_size: int) -> tuple[int, list[str]]:
-    """The clips of a shard, and why its /clips datasets cannot be read as a clip table of at most `n_frames` rows."""
+def table_layout_problems(handle: h5py.File, attrs: dict, n_frames: int, file_size: int) -> tuple[int, list[str]]:
+    """The clips of a shard, and why its /clips datasets cannot be read as the clip table of a shard of these
+    attributes with at most `n_frames` rows."""
     problems, rows = [], {}
-    for column, dtype in CLIP_COLUMNS.items():
+    for column, dtype in clip_columns(attrs).items():
         path = f"/{CLIPS}/{column}"
         dataset = plain_dataset(handle, path)
         if isinstance(dataset, str):
             problems.append(dataset)
-        elif not column_kind_matches(column, dataset.dtype) or len(dataset.shape) != 1:
+        elif not column_kind_matches(column, dataset.dtype, dtype) or len(dataset.shape) != 1:
             expected = "variable-length string" if column in STRING_COLUMNS else dtype
             problems.append(f"{path} is {dataset.dtype} {dataset.shape}, expected {expected} (clips,)")
         else:
@@ -313,12 +318,12 @@ def checked_shard(handle: h5py.File, path: Path, entry: ShardInfo | None) -> tup
     n_frames, problems = frame_problems(handle, attrs, stat.st_size)
     if problems:
         return None, problems
-    clips, problems = table_layout_problems(handle, n_frames, stat.st_size)
+    clips, problems = table_layout_problems(handle, attrs, n_frames, stat.st_size)
     if problems:
         return None, problems
     from_index = vouched_for(entry, attrs, clips)
-    table = entry.table if from_index else read_clip_table(handle)
-    problems = table_problems(table, n_frames, attrs["classes"])
+    table = entry.table if from_index else read_clip_table(handle, attrs)
+    problems = table_problems(table, n_frames, attrs)
     stored = attrs.get(CONTENT_SHA256)
     if not (problems or from_index or stored is None or content_sha256(attrs, table) == stored):
         problems = [f"{CONTENT_SHA256} does not match the attributes and clip table: the shard was changed after it"
@@ -663,6 +668,8 @@ class FeatureSet:
             source_fps=shard.table["source_fps"][row],
             duration=shard.table["duration"][row],
         )
+        if AUDIO_CLIP_COLUMNS.keys() <= shard.table.keys():
+            clip["audio_track"] = AudioTrack.of_row({column: shard.table[column][row] for column in AUDIO_CLIP_COLUMNS})
         return clip
 
     def read_shard(self, number: int, arrays: Iterable[str]) -> dict[str, np.ndarray]:

@@ -10,17 +10,29 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from devices import PRECISIONS
-from values import are_distinct_names, is_int, is_positive_number, problems_of
+from values import are_distinct_names, is_int, is_number, is_positive_number, problems_of, shown
 
 # Settings recorded only since a later version of this toolkit, with the value everything written
 # before them was made with: a shard's attribute, or a run's setting in its config.json
 # (train/config.py), that is absent is read as having that value. Both precisions, the frozen
 # CNNs' and training's, were float32 before they were recorded.
-SETTING_DEFAULTS = {"precision": "float32", "detect_every": 1}
+SETTING_DEFAULTS = {
+    "precision": "float32", "detect_every": 1,
+    # Shards made before the audio stream have none: every audio setting of a recipe without audio is 0.
+    "audio_features": "none", "audio_rate": 0, "audio_frame": 0.0, "audio_hop": 0.0, "audio_bands": 0,
+    "audio_window": 0.0, "audio_dim": 0,
+}
+# The audio_features of a recipe without audio, whose other audio settings are all 0.
+NO_AUDIO = "none"
 # How context features may be stored (a recipe's context_dtype): float16 halves the files.
 CONTEXT_DTYPES = ("float16", "float32")
 # The largest context feature a reader accepts; the largest backbone on offer gives 25,088.
 MAX_CONTEXT_DIM = 1 << 18
+# The largest audio feature a reader accepts (log-mel statistics of 64 bands give 128).
+MAX_AUDIO_DIM = 1 << 12
+AUDIO_SETTINGS = ("audio_rate", "audio_frame", "audio_hop", "audio_bands", "audio_window", "audio_dim")
+# The audio settings of a recipe without audio.
+NO_AUDIO_SETTINGS = {key: SETTING_DEFAULTS[key] for key in ("audio_features", *AUDIO_SETTINGS)}
 # How an attribute one side lacks is shown in a difference.
 MISSING = "(missing)"
 # What each setting of a recipe may hold, whichever extractor made it: readers compute with these
@@ -34,6 +46,13 @@ RECIPE_VALUES = {
     "context_dtype": (lambda value: value in CONTEXT_DTYPES, f"one of {', '.join(CONTEXT_DTYPES)}"),
     "precision": (lambda value: value in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "classes": (are_distinct_names, "a list of distinct non-empty strings"),
+    "audio_features": (lambda value: isinstance(value, str) and value != "", "a name"),
+    "audio_rate": (lambda value: is_int(value) and 0 <= value <= 384_000, "an int from 0 to 384000"),
+    "audio_frame": (lambda value: is_number(value) and 0 <= value <= 1, "a number of seconds from 0 to 1"),
+    "audio_hop": (lambda value: is_number(value) and 0 <= value <= 1, "a number of seconds from 0 to 1"),
+    "audio_bands": (lambda value: is_int(value) and 0 <= value <= MAX_AUDIO_DIM, f"an int from 0 to {MAX_AUDIO_DIM}"),
+    "audio_window": (lambda value: is_number(value) and 0 <= value <= 60, "a number of seconds from 0 to 60"),
+    "audio_dim": (lambda value: is_int(value) and 0 <= value <= MAX_AUDIO_DIM, f"an int from 0 to {MAX_AUDIO_DIM}"),
 }
 
 
@@ -65,6 +84,20 @@ class FeatureRecipe:
     classes: list  # the class names labels are drawn from
     precision: str
     context_dtype: str
+    # The voice, per sampled frame (features/README.md, "Audio"): how its track is read and summarised, or
+    # NO_AUDIO with every other audio setting 0.
+    audio_features: str  # the kind of features: extract.settings.AUDIO_FEATURES, or NO_AUDIO
+    audio_rate: int  # Hz the track is mixed to mono and resampled to
+    audio_frame: float  # seconds of one analysis frame
+    audio_hop: float  # seconds between analysis frames
+    audio_bands: int  # mel bands of a log-mel frame (0 for features without bands)
+    audio_window: float  # seconds of audio summarised for each sampled frame, centred on it
+    audio_dim: int  # values per sampled frame
+
+    @property
+    def hears(self) -> bool:
+        """Whether features made by this recipe hold the voice."""
+        return self.audio_features != NO_AUDIO
 
     def to_attrs(self) -> dict:
         return asdict(self)
@@ -93,7 +126,19 @@ RECIPE_ATTRS = tuple(field.name for field in fields(FeatureRecipe))
 
 def value_problems(values: dict) -> list[str]:
     """Why the recipe settings among `values` (attributes, or options) cannot be computed with; one line each."""
-    return problems_of(values, RECIPE_VALUES)
+    return problems_of(values, RECIPE_VALUES) + audio_problems(values)
+
+
+def audio_problems(values: dict) -> list[str]:
+    """A recipe without audio has every audio setting 0, one with audio none 0 but its bands."""
+    if "audio_features" not in values or any(key not in values for key in AUDIO_SETTINGS):
+        return []
+    settings = {key: values[key] for key in AUDIO_SETTINGS}
+    if values["audio_features"] == NO_AUDIO:
+        wrong = [key for key, value in settings.items() if value != 0]
+        return [f"{wrong[0]} {shown(settings[wrong[0]])} is not 0, as it is without audio"] if wrong else []
+    wrong = [key for key, value in settings.items() if key != "audio_bands" and value == 0]
+    return [f"{wrong[0]} is 0 with audio_features {shown(values['audio_features'])}"] if wrong else []
 
 
 def with_setting_defaults(attrs: dict) -> dict:

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from errors import UserError
-from features.recipe import RECIPE_ATTRS, attr_differences, value_problems, with_setting_defaults
+from features.recipe import NO_AUDIO, RECIPE_ATTRS, attr_differences, value_problems, with_setting_defaults
 from values import is_int, is_positive_number, shown
 
 FORMAT = "caca-rnn-features"
@@ -48,19 +48,30 @@ FIXED_FRAME_ARRAYS = {
     "landmarks": (np.dtype("float32"), LANDMARK_SHAPE),
 }
 FRAME_ARRAY_NAMES = ("face", "face_map", "context", "timestamps", "has_face", "box", "score", "landmarks")
-FINITE_ARRAYS = ("face", "face_map", "context", "timestamps", "score")
+# Present in shards whose recipe hears (recipe.FeatureRecipe.hears): the voice around each frame, and
+# whether any audio covered it (where not, the row is zeros).
+AUDIO_ARRAY_NAMES = ("audio", "has_audio")
+FINITE_ARRAYS = ("face", "face_map", "context", "timestamps", "score", "audio")
 # Optional: the main face's crop per frame (uint8 RGB, face_crop_size square), stored only
 # when the extractor was asked to; the root attribute FACE_CROPS_STORED says so.
 FACE_CROP = "face_crop"
 FACE_CROPS_STORED = "face_crops_stored"
 
-STRING_COLUMNS = ("clip_id", "label", "source_path")
+STRING_COLUMNS = ("clip_id", "label", "source_path", "audio_codec", "audio_note")  # any shard's
 CLIP_COLUMNS = {
-    **{column: h5py.string_dtype() for column in STRING_COLUMNS},  # variable-length UTF-8
+    **{column: h5py.string_dtype() for column in STRING_COLUMNS[:3]},  # variable-length UTF-8
     "source_fps": np.dtype("float64"),
     "duration": np.dtype("float64"),
     "start": np.dtype("int64"),
     "length": np.dtype("int64"),
+}
+# The clip's audio track, in shards whose recipe hears: its codec, sample rate and channels as stored
+# ("", 0, 0 without a track), and a note: "" when it was read whole, else what kept it from being.
+AUDIO_CLIP_COLUMNS = {
+    "audio_codec": h5py.string_dtype(),
+    "audio_rate": np.dtype("int64"),
+    "audio_channels": np.dtype("int64"),
+    "audio_note": h5py.string_dtype(),
 }
 
 # gzip (deflate) is built into every HDF5 library, so any team's tool reads the shards;
@@ -135,26 +146,63 @@ class ClipFeatures:
     score: np.ndarray  # (T,)
     landmarks: np.ndarray  # (T, 5, 2) x, y in source-frame pixels
     face_crop: np.ndarray | None = None  # (T, S, S, 3) uint8, only for writers that store crops
+    # Only for writers whose recipe hears: the voice around each frame (zeros where has_audio is
+    # false), and the clip's track.
+    audio: np.ndarray | None = None  # (T, audio_dim) float32
+    has_audio: np.ndarray | None = None  # (T,) bool
+    audio_track: AudioTrack | None = None
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """A clip's audio track as its file stores it, and whether it could be read."""
+
+    codec: str = ""  # "" without a track
+    rate: int = 0  # samples a second as stored
+    channels: int = 0
+    note: str = ""  # "" when read whole; else why not ("no audio track", "damaged audio at 3.20 s: ...")
+
+    @classmethod
+    def of_row(cls, row: dict) -> AudioTrack:
+        """From a clip's row of the clip table (a shard's AUDIO_CLIP_COLUMNS)."""
+        return cls(row["audio_codec"], row["audio_rate"], row["audio_channels"], row["audio_note"])
+
+    def row(self) -> dict:
+        return {"audio_codec": self.codec, "audio_rate": self.rate, "audio_channels": self.channels,
+                "audio_note": self.note}
 
 
 def frame_arrays(
-    context_dim: int, context_dtype: str, face_crop_size: int | None = None
+    context_dim: int, context_dtype: str, face_crop_size: int | None = None, audio_dim: int = 0
 ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape after the frame axis) of every per-frame dataset, in schema order.
 
-    With `face_crop_size`, the optional stored face crops are included.
+    With `face_crop_size`, the optional stored face crops are included; with `audio_dim`, the voice.
     """
     specs = dict(FIXED_FRAME_ARRAYS, context=(np.dtype(context_dtype), (context_dim,)))
     arrays = {name: specs[name] for name in FRAME_ARRAY_NAMES}
     if face_crop_size is not None:
         arrays[FACE_CROP] = (np.dtype("uint8"), (face_crop_size, face_crop_size, 3))
+    if audio_dim:
+        arrays.update(audio=(np.dtype("float32"), (audio_dim,)), has_audio=(np.dtype("bool"), ()))
     return arrays
+
+
+def hears(attrs: dict) -> bool:
+    """Whether a shard of these attributes holds the voice (older shards, without audio settings, do not)."""
+    return with_setting_defaults(attrs)["audio_features"] != NO_AUDIO
 
 
 def shard_frame_arrays(attrs: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """The per-frame datasets a shard with these attributes holds."""
     crop_size = attrs["face_crop_size"] if attrs.get(FACE_CROPS_STORED) else None
-    return frame_arrays(attrs["context_dim"], attrs["context_dtype"], crop_size)
+    audio_dim = with_setting_defaults(attrs)["audio_dim"] if hears(attrs) else 0
+    return frame_arrays(attrs["context_dim"], attrs["context_dtype"], crop_size, audio_dim)
+
+
+def clip_columns(attrs: dict) -> dict[str, np.dtype]:
+    """The clip table's columns of a shard with these attributes: name -> dtype."""
+    return {**CLIP_COLUMNS, **AUDIO_CLIP_COLUMNS} if hears(attrs) else dict(CLIP_COLUMNS)
 
 
 def chunk_frames(dtype: np.dtype, tail: tuple[int, ...]) -> int:
@@ -246,6 +294,8 @@ COLUMN_VALUES = {
     "duration": (lambda value: isinstance(value, float), "a float"),
     "start": (is_int, "an integer"),
     "length": (is_int, "an integer"),
+    "audio_rate": (lambda value: is_int(value) and value >= 0, "an integer >= 0"),
+    "audio_channels": (lambda value: is_int(value) and value >= 0, "an integer >= 0"),
 }
 
 
@@ -285,20 +335,26 @@ def stored_value_problems(attrs: dict) -> list[str]:
     return problems
 
 
-def table_problems(table: dict[str, list], n_frames: int, classes: list[str]) -> list[str]:
-    """Why a clip table (column -> list of values) does not describe a shard of `n_frames` frames.
+def table_problems(table: dict[str, list], n_frames: int, attrs: dict) -> list[str]:
+    """Why a clip table (column -> list of values) does not describe a shard of `n_frames` frames and these
+    attributes.
 
-    Empty when it does. Column lengths and value types first (nothing else is meaningful
-    without them), then the tiling of [0, n_frames), unique non-empty ids, known labels,
-    and the source's frame rate and duration.
+    Empty when it does. Its columns, their lengths and value types first (nothing else is
+    meaningful without them), then the tiling of [0, n_frames), unique non-empty ids, known
+    labels, and the source's frame rate and duration.
     """
+    expected = clip_columns(attrs)
+    if set(table) != set(expected):
+        return [f"clip table has columns {shown(sorted(table))}, not {shown(sorted(expected))}"]
     problems = column_length_problems({column: len(values) for column, values in table.items()})
     if problems:
         return problems
-    for column, (holds, kind) in COLUMN_VALUES.items():
+    for column in expected:
+        holds, kind = COLUMN_VALUES[column]
         wrong = [value for value in table[column] if not holds(value)]
         if wrong:
             return [f"clip table: {column} holds {shown(wrong[0])}, not {kind}"]
+    classes = attrs["classes"]
     problems = tiling_problems(table, n_frames)
     duplicates = sorted(k for k, n in Counter(table["clip_id"]).items() if n > 1)
     if duplicates or not all(table["clip_id"]):
@@ -366,9 +422,18 @@ def face_problems(has_face: np.ndarray, arrays: dict[str, np.ndarray]) -> list[s
     return problems
 
 
+def audio_filler_problems(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Breaches of the no-audio policy: where has_audio is false, the audio row is zeros."""
+    if "audio" not in arrays or not np.any(arrays["audio"][~arrays["has_audio"]] != 0):
+        return []
+    return ["audio rows are not all zero where has_audio is false"]
+
+
 def array_problems(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Non-finite values and non-increasing timestamps within one clip."""
-    problems = [f"{name} has NaN or inf" for name in FINITE_ARRAYS if not np.isfinite(arrays[name]).all()]
+    """Non-finite values and non-increasing timestamps within one clip, and the filler of frames without a face
+    or audio."""
+    problems = [f"{name} has NaN or inf" for name in FINITE_ARRAYS
+                if name in arrays and not np.isfinite(arrays[name]).all()]
     if np.any(np.diff(arrays["timestamps"]) <= 0):
         problems.append("timestamps are not strictly increasing")
-    return problems + face_problems(arrays["has_face"], arrays)
+    return problems + face_problems(arrays["has_face"], arrays) + audio_filler_problems(arrays)

@@ -26,7 +26,6 @@ from features.layout import FAILURES_FILE, PART_FOLDER_NAME
 from features.recipe import CONTEXT_DTYPES
 from features.reader import read_clip_table, stored_attrs
 from features.schema import (
-    CLIP_COLUMNS,
     CLIPS,
     COMPRESSIONS,
     CONTENT_SHA256,
@@ -38,11 +37,13 @@ from features.schema import (
     FRAMES,
     INDEX_NAME,
     WRITER_ATTRS,
+    AudioTrack,
     ClipFeatures,
     FeatureFileError,
     array_problems,
     attr_problems,
     chunk_frames,
+    clip_columns,
     content_sha256,
     decode_attrs,
     encode_attrs,
@@ -54,6 +55,7 @@ from features.schema import (
     temp_name,
 )
 from outputs import fsync_path, is_temporary
+from values import is_int
 
 
 # errno values of a file system that refuses locks: NFS without lockd (ENOLCK), Lustre
@@ -219,7 +221,8 @@ class ShardWriter:
         self.attrs = attrs
         self._classes = set(self.attrs["classes"])
         self._specs = shard_frame_arrays(self.attrs)
-        self._table = {column: [] for column in CLIP_COLUMNS}
+        self._columns = clip_columns(self.attrs)
+        self._table = {column: [] for column in self._columns}
         self._temp = self.path.with_name(temp_name(self.path.name, os.getpid(), secrets.token_hex(4)))
         self._discarded = False
         self._file = _create(self._temp)
@@ -280,6 +283,7 @@ class ShardWriter:
             duration=float(clip.duration),
             start=start,
             length=len(arrays["timestamps"]),
+            **(clip.audio_track.row() if "audio_codec" in self._columns else {}),
         )
         for column, value in row.items():
             self._table[column].append(value)
@@ -291,10 +295,11 @@ class ShardWriter:
         if not self._file:
             return self.path
         try:
-            for column, dtype in CLIP_COLUMNS.items():
+            for column, dtype in self._columns.items():
                 self._file.create_dataset(f"{CLIPS}/{column}", data=np.array(self._table[column], dtype=dtype))
             # Hashed as read back, i.e. exactly as readers will decode it, whatever types the caller passed.
-            self._file.attrs[CONTENT_SHA256] = content_sha256(stored_attrs(self._file), read_clip_table(self._file))
+            stored = stored_attrs(self._file)
+            self._file.attrs[CONTENT_SHA256] = content_sha256(stored, read_clip_table(self._file, stored))
             self._file.close()
             # Data on disk before the name: after a power cut the shard is whole or absent.
             fsync_path(self._temp)
@@ -330,6 +335,11 @@ class ShardWriter:
             raise ValueError(f"clip {clip.clip_id!r}: source_fps must be positive, not {clip.source_fps!r}")
         if not (math.isfinite(clip.duration) and clip.duration >= 0):
             raise ValueError(f"clip {clip.clip_id!r}: duration must be >= 0 seconds, not {clip.duration!r}")
+        track = clip.audio_track
+        if "audio_codec" in self._columns and not (
+                isinstance(track, AudioTrack) and isinstance(track.codec, str) and isinstance(track.note, str)
+                and is_int(track.rate) and is_int(track.channels) and track.rate >= 0 and track.channels >= 0):
+            raise ValueError(f"clip {clip.clip_id!r}: no audio track description, which this shard stores")
 
     def _stored_arrays(self, clip: ClipFeatures) -> dict[str, np.ndarray]:
         """The clip's arrays in the stored dtypes, after checking shapes, dtypes and the no-face policy."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from features.reader import open_features, write_index
+from features.recipe import NO_AUDIO_SETTINGS
 from extract.settings import DEFAULT_FPS
 from features.schema import FACE_MAP_SHAPE, ClipFeatures, shard_name
 from features.writer import ShardWriter
@@ -55,6 +56,7 @@ def extractor_attrs(**changes) -> dict:
         },
         classes=list(CHEAVD_CLASSES),
         precision="float32",
+        **NO_AUDIO_SETTINGS,
     )
     return dict(attrs, **changes)
 

@@ -115,3 +115,43 @@ def heads_on_scene(scene: str, size: tuple[int, int], heads) -> np.ndarray:
         assert 0 <= left and 0 <= top and left + side <= width and top + side <= height, (face, left, top, side)
         frame[top : top + side, left : left + side] = head(face, side)
     return frame
+
+
+# Audio codecs the audio tests encode with: PyAV's encoder, its sample format, and a container for it.
+AUDIO_CODECS = {"aac": ("aac", "fltp", ".mp4"), "mp3": ("libmp3lame", "fltp", ".mp4"), "opus": ("libopus", "flt", ".mkv"),
+                "flac": ("flac", "s16", ".mkv"), "ac3": ("ac3", "fltp", ".mkv")}
+
+
+def tone(frequency: float, seconds: float, rate: int, amplitude: float = 0.3) -> np.ndarray:
+    """A sine of `frequency` Hz, `seconds` long, at `rate` samples a second."""
+    return amplitude * np.sin(2 * np.pi * frequency * np.arange(round(seconds * rate)) / rate)
+
+
+def write_av_clip(path: Path, frames: list[np.ndarray], audio: np.ndarray | None, rate: int = 44100,
+                  codec: str = "aac", layout: str = "stereo", fps: int = 25, audio_start: float = 0.0) -> Path:
+    """A clip of `frames` (H.264 at `fps`) and an audio track of `audio` (channels, samples) in [-1, 1] at `rate`,
+    encoded with `codec` (a key of AUDIO_CODECS) and starting `audio_start` seconds after the first frame."""
+    encoder, sample_format, _ = AUDIO_CODECS[codec]
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.height, video.width = frames[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        sound = container.add_stream(encoder, rate=rate, layout=layout) if audio is not None else None
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        if sound is not None:
+            samples = audio.astype(np.float32) if sample_format.startswith("flt") else (audio * 32767).astype(np.int16)
+            packed = not sample_format.endswith("p")
+            step = sound.codec_context.frame_size or 1024
+            first = round(audio_start * rate)
+            for at in range(0, samples.shape[1], step):
+                chunk = samples[:, at:at + step]
+                array = np.ascontiguousarray(chunk.T.reshape(1, -1) if packed else chunk)
+                frame = av.AudioFrame.from_ndarray(array, format=sample_format, layout=layout)
+                frame.sample_rate, frame.pts = rate, first + at
+                container.mux(sound.encode(frame))
+            container.mux(sound.encode())
+        container.mux(video.encode())
+    return path

@@ -286,7 +286,7 @@ def test_an_index_the_shards_vouch_for_spares_reading_clip_tables_and_no_shard_s
     with h5py.File(tmp_path / shard_name(0), "r") as shard:
         assert index["shards"][0]["attrs"]["content_sha256"] == shard.attrs["content_sha256"]
     tables_read = []
-    monkeypatch.setattr(reader, "read_clip_table", lambda handle: tables_read.append(handle.filename))
+    monkeypatch.setattr(reader, "read_clip_table", lambda handle, attrs: tables_read.append(handle.filename))
     features = open_features(tmp_path)
     assert tables_read == [] and features.clip_ids[:3] == ["a1", "a2", "a3"] and features.labels["a3"] is None
     assert open_shards_of_this_process(tmp_path) == set()
