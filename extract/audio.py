@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 LOG_FLOOR = 1e-10
 NO_TRACK = "no audio track"
+# Windows' edges fall on analysis frames' centres (steps and hops are round numbers of seconds): a
+# centre within this many seconds of an edge counts as on it, so rounding never decides which
+# window it joins. A window is [t - W/2, t + W/2).
+EDGE = 1e-6
 # A stretch of audio starts anew where its times jump by more than this many hops from the samples
 # decoded so far.
 GAP_HOPS = 1
@@ -84,8 +88,8 @@ class ClipAudio:
         out = np.zeros((len(timestamps), 2 * self.features.shape[1]), np.float32)
         if not len(self.centres):
             return out, np.zeros(len(timestamps), bool)
-        first = np.searchsorted(self.centres, timestamps - window / 2, side="left")
-        last = np.searchsorted(self.centres, timestamps + window / 2, side="left")
+        first = np.searchsorted(self.centres, timestamps - window / 2 - EDGE, side="left")
+        last = np.searchsorted(self.centres, timestamps + window / 2 - EDGE, side="left")
         nearest = np.clip(np.searchsorted(self.centres, timestamps), 1, len(self.centres) - 1)
         gaps = np.minimum(np.abs(self.centres[nearest - 1] - timestamps), np.abs(self.centres[nearest] - timestamps))
         if len(self.centres) == 1:
