@@ -490,6 +490,34 @@ def features_repack(source, out, compression, overwrite):
     click.echo(f"wrote {feature_tools.repack(source, out, compression, progress=True, overwrite=overwrite)}")
 
 
+@features_group.command(name="add-audio")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the set with the voice: new, empty, or an earlier add-audio of the same set.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=EXTRACTION["manifest"],
+              show_default=True, help="Finds each clip's video by its id (the one the set was extracted from).")
+@click.option("--audio-features", type=click.Choice(list(AUDIO_FEATURES)), default=EXTRACTION["audio_features"],
+              show_default=True, help="As for extract.")
+@click.option("--audio-window", type=Checked(float, RECIPE_VALUES, "audio_window"),
+              help="As for extract (default: the frame step of the set).")
+@overwrite_option
+def features_add_audio(source, out, manifest, audio_features, audio_window, overwrite):
+    """Add the voice to a set extracted without it, without running the CNNs again: a new set, every shard
+    copied with each clip's audio features at its stored frame times (only the audio tracks are decoded).
+
+    \b
+    Examples:
+      python cli.py features add-audio outputs/features/train --out outputs/features-av/train
+      python cli.py features add-audio outputs/features/val --out outputs/features-av/val
+      python cli.py train --model caca-av --features outputs/features-av
+    """
+    from extract.add_audio import add_audio
+
+    index = add_audio(source, out, manifest, audio_features, audio_window, progress=True, overwrite=overwrite,
+                      log=click.echo)
+    click.echo(f"wrote {index}; run `python cli.py features validate {out}` before sharing it")
+
+
 def training_options(command):
     """Options shared by `train` and `compare`."""
     options = [

@@ -227,8 +227,13 @@ class TrackReader:
             self.decode(packet)
         except Exception as exc:  # this toolkit's own failure on an odd track: said, and the video goes on
             logger.info("audio of %s not read further", self.stream, exc_info=exc)
-            self.problems.append(f"audio not read further ({type(exc).__name__}: {exc})")
-            self.stream = None
+            self.stop(f"audio not read further ({type(exc).__name__}: {exc})")
+
+    def stop(self, reason: str) -> None:
+        """Read no more of the track (what was read stays), and say why."""
+        self.problems.append(reason)
+        self.end_stretch()
+        self.stream = None
 
     def decode(self, packet) -> None:
         if self.stream is None:
@@ -315,10 +320,10 @@ class TrackReader:
         features = np.concatenate(features) if features else np.zeros((0, width), np.float32)
         order = np.argsort(centres, kind="stable")
         track = self.track
-        if self.stream is not None and self.problems:
+        if self.problems:
             more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
             track = AudioTrack(track.codec, track.rate, track.channels, f"{self.problems[0]}{more}")
-        elif self.stream is not None and not len(centres):
+        elif track.codec and not len(centres):
             track = AudioTrack(track.codec, track.rate, track.channels, "no decodable audio")
         return ClipAudio(centres[order], features[order].astype(np.float32), track)
 

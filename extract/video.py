@@ -36,6 +36,7 @@ class VideoInfo:
     fps: float  # the stream's average frame rate as stored; 0.0 if unknown
     duration: float  # seconds: the stream's, else the container's, else 0.0
     codec: str
+    origin: float  # the first frame's time on the container's clock, from which frame times count
 
 
 @dataclass
@@ -55,6 +56,8 @@ def probe(path) -> VideoInfo:
             raise VideoError(f"{path}: no decodable video frames")
         rotation = _clockwise_turn(first)
         width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        clock = _PresentationClock(stream)
+        clock.seconds(first)
         return VideoInfo(
             path=path,
             width=width,
@@ -63,6 +66,7 @@ def probe(path) -> VideoInfo:
             fps=float(stream.average_rate or 0),
             duration=_duration(container, stream),
             codec=stream.codec_context.name,
+            origin=clock.origin_seconds(),
         )
 
 
@@ -71,6 +75,22 @@ def header_duration(path) -> float:
     path = Path(path)
     with _open_video(path) as (container, stream):
         return _duration(container, stream)
+
+
+def read_audio(path, audio) -> None:
+    """Hand every packet of the clip's audio track to `audio` (an `extract.audio.TrackReader`), decoding no video:
+    for a set whose frames were sampled before. VideoError when the file cannot be opened as a video; a file
+    damaged part-way stops the audio there, as `audio.stop` records."""
+    path = Path(path)
+    with _open_video(path) as (container, _):
+        audio_stream = audio.open(container)
+        if audio_stream is None:
+            return
+        try:
+            for packet in container.demux(audio_stream):
+                audio.feed(packet)
+        except av.FFmpegError as exc:
+            audio.stop(f"the file is damaged past its readable audio ({exc.strerror})")
 
 
 def sample_frames(path, fps: float = DEFAULT_FPS, threads: int = 0, audio=None) -> Iterator[SampledFrame]:

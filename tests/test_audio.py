@@ -22,11 +22,13 @@ from extract.clips import embed_clips, recipe_of
 from extract.settings import AUDIO_FEATURES, ExtractSettings, NetworkChoice
 from extract.video import sample_frames
 from features.reader import open_features
+from features.schema import comparable
 from features.recipe import FeatureRecipe
 from features.schema import AudioTrack
 from features.tools import validate
-from manifests.manifest import ClipEntry, write_manifest
-from tests.cli_runs import run_cli
+from manifests.manifest import ClipEntry, read_manifest, write_manifest
+from tests.cli_runs import one_line_error, run_cli
+from tests.feature_files import assert_same_clips, read_all
 from tests.media import AUDIO_CODECS, moving_face, tone, write_av_clip
 
 FPS = 5.0
@@ -219,23 +221,74 @@ def test_egemaps_steps_are_opensmiles_descriptors_of_the_same_samples(recipe, fr
     assert loudness[sorted(burst_steps(stamps, egemaps.audio_window))].min() > 2 * np.median(loudness)
 
 
-def test_extraction_stores_the_voice_beside_the_faces_and_validate_accepts_it(recipe, frames, tmp_path, networks):
-    clips = {"with-voice": write_av_clip(tmp_path / "a.mp4", frames, burst_signal(48000, 2), 48000),
-             "mute": write_av_clip(tmp_path / "b.mp4", frames, None)}
-    entries = [ClipEntry(clip_id, path, "happy", "train") for clip_id, path in clips.items()]
-    results = {clip.clip_id: clip for clip in embed_clips(entries, networks, recipe, 16)}
-    assert results["with-voice"].has_audio.all() and not results["mute"].has_audio.any()
-    write_manifest(entries, tmp_path / "m.csv")
-    status, _, stderr = run_cli("extract", "--split", "train", "--manifest", tmp_path / "m.csv", "--out",
-                                tmp_path / "features", "--context-backbone", "mobilenet_v2", "--device", "cpu")
-    assert status == 0, stderr
-    assert validate(tmp_path / "features" / "train") == []
-    with open_features(tmp_path / "features" / "train") as features:
+@pytest.fixture(scope="module")
+def av_sets(tmp_path_factory, frames, extraction_weights) -> Path:
+    """Three real clips (a voice, none, a track of another codec) extracted twice: with the voice (`heard/`) and
+    without (`mute/`)."""
+    root = tmp_path_factory.mktemp("av")
+    clips = {"with-voice": write_av_clip(root / "a.mp4", frames, burst_signal(48000, 2), 48000),
+             "mute": write_av_clip(root / "b.mp4", frames, None),
+             "mp3": write_av_clip(root / "c.mp4", frames[:40], burst_signal(44100, 2, 1.6), 44100, "mp3")}
+    write_manifest([ClipEntry(clip_id, path, "happy", "train") for clip_id, path in clips.items()], root / "m.csv")
+    for name, audio in (("heard", "logmel"), ("mute", "none")):
+        status, _, stderr = run_cli("extract", "--split", "train", "--manifest", root / "m.csv", "--out", root / name,
+                                    "--context-backbone", "mobilenet_v2", "--device", "cpu", "--audio-features", audio)
+        assert status == 0, stderr
+    return root
+
+
+def test_extraction_stores_the_voice_beside_the_faces_and_validate_accepts_it(recipe, av_sets, networks):
+    assert validate(av_sets / "heard" / "train") == []
+    with open_features(av_sets / "heard" / "train") as features:
         assert FeatureRecipe.from_attrs(features.attrs) == recipe
         voiced, mute = features["with-voice"], features["mute"]
     assert voiced["audio_track"] == AudioTrack("aac", 48000, 2, "") and voiced["has_audio"].all()
     assert mute["audio_track"] == AudioTrack(note="no audio track") and not mute["has_audio"].any()
-    np.testing.assert_allclose(voiced["audio"], results["with-voice"].audio, rtol=0, atol=0)
+    entry = ClipEntry("with-voice", av_sets / "a.mp4", "happy", "train")
+    again = next(embed_clips([entry], networks, recipe, 16))
+    np.testing.assert_array_equal(voiced["audio"], again.audio)
+
+
+def test_the_voice_added_to_a_set_made_without_it_is_the_voice_of_an_extraction_that_heard(av_sets, tmp_path):
+    added = tmp_path / "added"
+    status, stdout, stderr = run_cli("features", "add-audio", av_sets / "mute" / "train", "--out", added,
+                                     "--manifest", av_sets / "m.csv")
+    assert status == 0, stderr
+    assert "0 of 1 shards done before; adding the voice to 3 clips" in stdout
+    assert validate(added) == []
+    assert_same_clips(read_all(added), read_all(av_sets / "heard" / "train"))  # every array, bit for bit
+    with open_features(added) as with_voice, open_features(av_sets / "heard" / "train") as heard:
+        assert comparable(with_voice.attrs, heard.attrs) == []
+    stamps = {path: path.stat().st_mtime_ns for path in added.glob("*.h5")}
+    status, stdout, _ = run_cli("features", "add-audio", av_sets / "mute" / "train", "--out", added,
+                                "--manifest", av_sets / "m.csv")
+    assert status == 0 and "1 of 1 shards done before" in stdout
+    assert {path: path.stat().st_mtime_ns for path in added.glob("*.h5")} == stamps
+
+
+def test_a_clip_whose_video_cannot_be_found_or_is_another_keeps_its_features_without_a_voice(av_sets, tmp_path):
+    entries = read_manifest(av_sets / "m.csv")
+    other = write_av_clip(tmp_path / "other.mp4", moving_face("rocket", frames=20), np.stack([tone(300, 0.8, 44100)] * 2))
+    moved = [dataclasses.replace(entry, path=other) if entry.clip_id == "mp3" else entry
+             for entry in entries if entry.clip_id != "mute"]
+    write_manifest(moved, tmp_path / "m.csv")
+    status, _, stderr = run_cli("features", "add-audio", av_sets / "mute" / "train", "--out", tmp_path / "added",
+                                "--manifest", tmp_path / "m.csv")
+    assert status == 0, stderr
+    clips, before = read_all(tmp_path / "added"), read_all(av_sets / "mute" / "train")
+    assert clips["mute"]["audio_track"].note == "no video for the clip in the manifest"
+    assert clips["mp3"]["audio_track"].note.startswith(f"{other} is not the video that was extracted (0.80 s")
+    for clip_id in ("mute", "mp3"):
+        assert not clips[clip_id]["has_audio"].any() and not clips[clip_id]["audio"].any()
+        for name in ("face", "context", "timestamps", "has_face"):
+            np.testing.assert_array_equal(clips[clip_id][name], before[clip_id][name])
+    assert clips["with-voice"]["has_audio"].all()
+
+
+def test_a_set_that_hears_already_is_not_given_a_second_voice(av_sets, tmp_path):
+    status, _, stderr = run_cli("features", "add-audio", av_sets / "heard" / "train", "--out", tmp_path / "again",
+                                "--manifest", av_sets / "m.csv")
+    one_line_error(status, stderr, str(av_sets / "heard" / "train"), "holds the voice already")
 
 
 def test_features_without_the_voice_and_with_it_are_never_mixed(recipe, frames, tmp_path):
