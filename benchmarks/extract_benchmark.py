@@ -13,7 +13,13 @@ of the speed issue's targets is printed as a ratio measured in this one run:
 3. overlap: end to end against the sum of the stages measured alone;
 4. workers: `--workers N` against one worker, in clips/s;
 6. memory: peak RSS of fresh processes extracting one short and one long clip;
-7. absolute: end-to-end sampled frames/s, in float32 and in bfloat16.
+7. absolute: end-to-end sampled frames/s, in float32 and in bfloat16;
+8. audio (issue 24): extraction with the voice (the default, log-mel) against `--audio-features
+   none`, and the audio alone (reading each track and its features, extract/audio.py) against
+   a bare loop (PyAV decode and resample, librosa's mel spectrogram of the whole track).
+
+Every clip has a speech-like AAC track (44.1 kHz stereo: a voice's harmonics with a syllable
+rhythm, over noise), as CHEAVD's clips do. `--only audio` measures target 8 alone.
 """
 
 from __future__ import annotations
@@ -37,15 +43,16 @@ import av  # noqa: E402
 
 from extract.context_cnn import context_crops  # noqa: E402
 from extract.faces import crop_every_face, detect_downscaled  # noqa: E402
+from extract.audio import TrackReader, framer_for  # noqa: E402
 from extract.clips import load_networks, recipe_of  # noqa: E402
 from extract.pipeline import extract_split, feature_attrs  # noqa: E402
 from extract.runtime import keep_freed_memory_for_reuse  # noqa: E402
 from extract.settings import ExtractSettings, NetworkChoice  # noqa: E402
-from extract.video import _TOLERANCE as SAMPLING_TOLERANCE, sample_frames  # noqa: E402
+from extract.video import _TOLERANCE as SAMPLING_TOLERANCE, probe, read_audio, sample_frames  # noqa: E402
 from features.schema import ClipFeatures  # noqa: E402
 from features.writer import ShardWriter  # noqa: E402
 from manifests.manifest import ClipEntry, write_manifest  # noqa: E402
-from tests.media import photo, write_clip  # noqa: E402
+from tests.media import photo, write_av_clip  # noqa: E402
 
 SCENES = ("coffee", "rocket", "chelsea")
 SIZE = (360, 640)
@@ -57,6 +64,20 @@ def scene_frame(scene: str) -> np.ndarray:
     return resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+AUDIO_RATE = 44100
+
+
+def speech_like(seconds: float, seed: int) -> np.ndarray:
+    """Two channels of a voice-like sound: harmonics of a wandering pitch, four syllables a second, over noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * AUDIO_RATE)) / AUDIO_RATE
+    pitch = 160 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(pitch) / AUDIO_RATE
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8)) * np.maximum(0, np.sin(2 * np.pi * 4 * t)) ** 2
+    signal = 0.2 * voice + 0.01 * rng.normal(size=len(t))
+    return np.stack([signal, signal])
+
+
 def make_clip(path: Path, scene: str, seconds: float) -> Path:
     background, head = scene_frame(scene), photo("astronaut")[20:180, 140:300]
     frames = []
@@ -65,7 +86,7 @@ def make_clip(path: Path, scene: str, seconds: float) -> Path:
         x = int(20 + (i * 3) % (SIZE[1] - 200))
         frame[80:240, x : x + 160] = head
         frames.append(frame)
-    return write_clip(path, frames)
+    return write_av_clip(path, frames, speech_like(seconds, len(path.name)), AUDIO_RATE)
 
 
 def timed(fn) -> tuple[object, float]:
@@ -197,6 +218,47 @@ def write_shard(settings: ExtractSettings, context_dim: int, clips: list[np.ndar
                 ))
 
 
+def audio_rows(paths: list[Path], settings_kwargs: dict, work: Path, rounds: int = 3) -> list[str]:
+    """Target 8: extraction with the voice against without, and the audio alone against a bare loop, each timed in
+    alternating rounds."""
+    heard = prepared_run(paths, dict(settings_kwargs, audio_features="logmel"), work)
+    mute = prepared_run(paths, dict(settings_kwargs, audio_features="none"), work)
+    with_voice, without = alternated(heard, mute, rounds=rounds)
+    recipe = recipe_of(ExtractSettings("bench", **dict(settings_kwargs, audio_features="logmel")))
+    framer = framer_for(recipe)
+    stamps = {path: [frame.timestamp for frame in sample_frames(path)] for path in paths}
+
+    def ours():
+        for path in paths:
+            reader = TrackReader(recipe, framer)
+            reader.set_video_origin(probe(path).origin)
+            read_audio(path, reader)
+            reader.heard(stamps[path])
+
+    ears, bare = alternated(ours, lambda: bare_audio(paths, recipe), rounds=rounds)
+    seconds = sum(len(times) for times in stamps.values()) / recipe.fps
+    return [
+        f"8. audio: extraction with the voice {len(paths) / min(with_voice):.2f} clips/s, without"
+        f" {len(paths) / min(without):.2f}: {median_ratio(with_voice, without):.3f}x the time (median of {rounds}"
+        " rounds; target <= 1.10)",
+        f"   the audio alone: {seconds / min(ears):.0f} s of audio a second, {median_ratio(ears, bare):.2f}x a bare loop's"
+        f" time (PyAV decode and resample, librosa's mel spectrogram: {seconds / min(bare):.0f} s a second)",
+    ]
+
+
+def bare_audio(paths: list[Path], recipe) -> None:
+    """The least work that gives the same analysis frames: decode, resample, one mel spectrogram per track."""
+    import librosa
+
+    for path in paths:
+        with av.open(str(path)) as container:
+            resampler = av.AudioResampler(format="dbl", layout="mono", rate=recipe.audio_rate)
+            pieces = [piece.to_ndarray()[0] for frame in container.decode(audio=0) for piece in resampler.resample(frame)]
+        mel = librosa.feature.melspectrogram(y=np.concatenate(pieces), sr=recipe.audio_rate, n_fft=512, hop_length=160,
+                                             win_length=400, center=True, pad_mode="constant", n_mels=recipe.audio_bands)
+        np.log(np.maximum(mel, 1e-10))
+
+
 def bench_settings(paths: list[Path], settings_kwargs: dict, work: Path) -> ExtractSettings:
     manifest = work / "bench.csv"
     write_manifest([ClipEntry(f"bench/{p.stem}", p, "happy", "bench") for p in paths], manifest)
@@ -284,14 +346,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="For target 4 (default: the cores).")
     parser.add_argument("--long-seconds", type=float, default=120.0, help="Length of the long clip for memory.")
+    parser.add_argument("--only", choices=("all", "audio"), default="all", help="audio: target 8 alone.")
     args = parser.parse_args()
     settings_kwargs = dict(context_backbone=args.context_backbone, batch_size=args.batch_size, device="cpu")
     keep_freed_memory_for_reuse()  # as `extract` does, so that stages alone and end to end run alike
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = [make_clip(work / f"clip{i:03d}.mp4", SCENES[i % 3], args.seconds) for i in range(args.clips)]
-        print(f"{args.clips} clips of {args.seconds:g} s, {SIZE[1]}x{SIZE[0]} H.264 25 fps; torch {torch.__version__},"
-              f" {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+        print(f"{args.clips} clips of {args.seconds:g} s, {SIZE[1]}x{SIZE[0]} H.264 25 fps with AAC audio; torch"
+              f" {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+        if args.only == "audio":
+            print("\n".join(audio_rows(paths, settings_kwargs, work)))
+            return
         print("1. decode")
         rows, decode_cost = decode_rows(paths, 5.0)
         print("\n".join(rows))
@@ -311,6 +377,7 @@ def main() -> None:
         print(f"6. peak memory, one {args.seconds:g} s clip: {short:.0f} MB; one {args.long_seconds:g} s clip:"
               f" {long:.0f} MB (ratio {long / short:.2f})")
         print(f"   this process's peak: {peak_rss_mb():.0f} MB")
+        print("\n".join(audio_rows(paths, settings_kwargs, work)))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ NO_TRACK = "no audio track"
 # centre within this many seconds of an edge counts as on it, so rounding never decides which
 # window it joins. A window is [t - W/2, t + W/2).
 EDGE = 1e-6
+# Analysis frames are computed once this many seconds of samples have come (a few hundred frames in one
+# FFT call), and at a stretch's end.
+BATCH_SECONDS = 1.0
 # A stretch of audio starts anew where its times jump by more than this many hops from the samples
 # decoded so far.
 GAP_HOPS = 1
@@ -119,12 +122,20 @@ class LogMel:
     def start(self) -> None:
         """A new stretch: half a frame of zeros before its first sample, as `center=True` pads."""
         self.buffer = np.zeros(self.n_fft // 2, np.float64)
+        self.pending: list[np.ndarray] = []  # samples not yet framed: framed in batches, which numpy does faster
+        self.waiting = 0
         self.made = 0  # frames of the stretch so far
 
     def add(self, samples: np.ndarray, last: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The frames `samples` complete: (their centres in seconds from the stretch's first sample, features);
-        with `last`, the stretch ends and its final frames are padded with zeros."""
-        self.buffer = np.concatenate([self.buffer, samples, np.zeros(self.n_fft // 2) if last else []])
+        with `last`, the stretch ends and its final frames are padded with zeros. Samples wait until a batch of
+        BATCH_SECONDS has come."""
+        self.pending.append(samples)
+        self.waiting += len(samples)
+        if self.waiting < BATCH_SECONDS * self.rate and not last:
+            return np.zeros(0), np.zeros((0, self.mel.shape[0]), np.float32)
+        self.buffer = np.concatenate([self.buffer, *self.pending, np.zeros(self.n_fft // 2) if last else []])
+        self.pending, self.waiting = [], 0
         count = max(0, (len(self.buffer) - self.n_fft) // self.hop + 1)
         if not count:
             return np.zeros(0), np.zeros((0, self.mel.shape[0]), np.float32)

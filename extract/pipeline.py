@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,7 +39,7 @@ from features.reader import open_features, write_index
 from features.schema import EXTRACTOR_ATTRS, ClipFeatures, shard_files, shard_name, shard_number
 from features.writer import ShardWriter, only_writer, writes_into_set
 from features.failures import Failure, failures_to_resume, file_stamp, write_failures
-from features.recipe import FeatureRecipe
+from features.recipe import NO_AUDIO_SETTINGS, FeatureRecipe
 from manifests.manifest import ClipEntry, ManifestError, missing_file_problems, read_manifest
 from outputs import check_output_folder
 
@@ -103,11 +103,15 @@ def _check_same_settings(folder: Path, recipe: FeatureRecipe) -> set[str]:
     if not _shard_numbers(folder):
         return set()
     with open_features(folder) as existing:
-        differences = FeatureRecipe.from_attrs(existing.attrs).differences(recipe)
+        earlier = FeatureRecipe.from_attrs(existing.attrs)
+        differences = earlier.differences(recipe)
         if differences:
+            voice = (" (or give them the voice with `python cli.py features add-audio`)"
+                     if not earlier.hears and recipe.hears and earlier.differences(replace(recipe, **NO_AUDIO_SETTINGS)) == []
+                     else "")
             raise ExtractError(
                 f"{folder} holds features made with other settings ({'; '.join(differences)}):"
-                " use another --out, or delete that folder to start over"
+                f" use another --out, or the settings they were made with{voice}, or delete that folder to start over"
             )
         return set(existing.clip_ids)
 

@@ -300,7 +300,7 @@ def test_features_without_the_voice_and_with_it_are_never_mixed(recipe, frames, 
     entries.append(ClipEntry("d", write_av_clip(tmp_path / "d.mp4", frames[:10], None), "happy", "train"))
     write_manifest(entries, tmp_path / "m.csv", replace=True)
     status, _, stderr = run_cli(*common)
-    assert status == 1 and "audio_features: 'none' != 'logmel'" in stderr, stderr
+    one_line_error(status, stderr, "audio_features: 'none' != 'logmel'", "features add-audio")
 
 
 def test_recipes_differing_only_in_audio_share_their_loaded_networks(recipe):

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from benchmarks import gpu_check, open_benchmark, paper_scale
+from benchmarks import extract_benchmark, gpu_check, open_benchmark, paper_scale
 from features.reader import open_features
 from train.config import MODEL_NAMES
 from train.packed import CACHE_ENV as STEPS_CACHE_ENV
@@ -126,3 +126,14 @@ def test_open_benchmark_opens_its_set_both_ways_in_fresh_processes_and_prints_ea
     for way in open_benchmark.WAYS:
         assert re.search(rf"  with its index, {way} *: first open \d+ ms \(\d+-\d+\), second open \d+ ms", out)
     assert re.search(r"the look adds -?\d+ ms to a command's first open \(target <= 1 s\): (met|NOT met)", out)
+
+
+def test_extract_benchmark_times_the_voice_against_none_and_the_audio_alone_against_a_bare_loop(tmp_path,
+                                                                                                 extraction_weights):
+    paths = [extract_benchmark.make_clip(tmp_path / f"clip{i}.mp4", scene, 1.0)
+             for i, scene in enumerate(extract_benchmark.SCENES[:2])]
+    rows = extract_benchmark.audio_rows(paths, dict(context_backbone="mobilenet_v2", device="cpu"), tmp_path, rounds=1)
+    assert re.fullmatch(r"8\. audio: extraction with the voice [\d.]+ clips/s, without [\d.]+: [\d.]+x the time"
+                        r" \(median of 1 rounds; target <= 1\.10\)", rows[0]), rows[0]
+    assert re.fullmatch(r"   the audio alone: \d+ s of audio a second, [\d.]+x a bare loop's time \(PyAV decode and"
+                        r" resample, librosa's mel spectrogram: \d+ s a second\)", rows[1]), rows[1]
