@@ -47,12 +47,11 @@ import av
 import numpy as np
 
 from features.recipe import FeatureRecipe
-from features.schema import AudioTrack
+from features.schema import NO_TRACK, AudioTrack
 
 logger = logging.getLogger(__name__)
 
 LOG_FLOOR = 1e-10
-NO_TRACK = "no audio track"
 # Windows' edges fall on analysis frames' centres (steps and hops are round numbers of seconds): a
 # centre within this many seconds of an edge counts as on it, so rounding never decides which
 # window it joins. A window is [t - W/2, t + W/2).

@@ -153,6 +153,10 @@ class ClipFeatures:
     audio_track: AudioTrack | None = None
 
 
+# The note of a clip whose file has no audio track.
+NO_TRACK = "no audio track"
+
+
 @dataclass(frozen=True)
 class AudioTrack:
     """A clip's audio track as its file stores it, and whether it could be read."""

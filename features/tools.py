@@ -8,6 +8,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -36,14 +37,19 @@ from features.reader import (
     stored_has_face,
     write_index,
 )
+from features.recipe import with_setting_defaults
 from features.schema import (
+    AUDIO_CLIP_COLUMNS,
     CONTENT_SHA256,
     INDEX_NAME,
+    NO_TRACK,
+    AudioTrack,
     ClipFeatures,
     FeatureFileError,
     array_problems,
     compression_of,
     content_sha256,
+    hears,
     shard_name,
     temp_files,
 )
@@ -57,6 +63,59 @@ MAX_PROBLEMS_PER_SHARD = 20
 READ_BLOCK_BYTES = 32 * 1024 * 1024
 
 
+def has_no_track(track: AudioTrack) -> bool:
+    """Whether the clip's file holds no audio track at all."""
+    return track.note == NO_TRACK
+
+
+def unread_because(track: AudioTrack) -> str:
+    """Why the clip's track could not be read whole (a codec not known here, damage, a video not found...); "" when
+    it was, or when there is no track to read."""
+    return "" if has_no_track(track) else track.note
+
+
+@dataclass(frozen=True)
+class AudioSummary:
+    """What `features inspect` says of the voice of a set that hears, as counts: clips by their audio track as its
+    file stores it (`codecs`, `rates` and `channels` count the clips whose track was found)."""
+
+    features: str  # the recipe's audio_features
+    dim: int  # values a frame
+    clips: int
+    frames: int
+    frames_with_audio: int
+    with_track: int  # clips whose file holds a track of a known codec
+    without_track: int  # clips whose file holds no audio track
+    codecs: dict[str, int]  # codec -> clips, most first
+    rates: dict[int, int]  # sample rate as stored -> clips, most first
+    channels: dict[int, int]
+    unread: list[tuple[str, str]]  # (clip id, note) of each clip whose audio could not be read whole, but for no track
+
+    def facts(self) -> list[tuple[str, str]]:
+        share = 100 * self.frames_with_audio / max(self.frames, 1)
+        unknown = self.clips - self.with_track - self.without_track  # a codec not known here, a video not found
+        unread = len(self.unread)
+        return [
+            ("audio", f"{self.features}, {self.dim} values a frame"),
+            ("audio frames", f"{self.frames_with_audio} of {self.frames} with audio ({share:.1f}%)"),
+            ("audio tracks", f"{plural(self.with_track, 'clip')} with a track, {self.without_track} without"
+                             + (f", {unknown} not known" if unknown else "")),
+            ("audio codecs", counted(self.codecs, "{}")),
+            ("sample rates", counted(self.rates, "{} Hz")),
+            ("channels", counted(self.channels, "{}")),
+            ("audio unread", f"{plural(unread, 'clip')} (`features report` lists why)" if unread else "none"),
+        ]
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def counted(counts: dict, shown_as: str) -> str:
+    """"aac (3 clips), mp3 (1 clip)", or "none"."""
+    return ", ".join(f"{shown_as.format(value)} ({plural(count, 'clip')})" for value, count in counts.items()) or "none"
+
+
 @dataclass
 class InspectSummary:
     """What `features inspect` says of a set: (name, value) facts, then its attributes."""
@@ -64,6 +123,7 @@ class InspectSummary:
     facts: list[tuple[str, str]]
     attributes: list[tuple[str, str]]
     differing: list[str]  # attributes whose values differ between shards (left out of `attributes`)
+    audio: AudioSummary | None = None  # the voice, for a set that hears (its facts are among `facts`)
 
     def text(self) -> str:
         lines = [f"{name:<{KEY_WIDTH}}{value}" for name, value in self.facts]
@@ -77,15 +137,15 @@ KEY_WIDTH = 14
 
 
 def inspect(path) -> str:
-    """A human summary: shards, clips, frames and faces, labels, context, size on disk, attributes."""
+    """A human summary: shards, clips, frames and faces, labels, context, size on disk, audio, attributes."""
     return inspect_summary(path).text()
 
 
 def inspect_summary(path) -> InspectSummary:
     with open_features(path) as features:
         frames = features.n_frames
-        with_faces, compressions = zip(*(stored_facts(shard) for shard in features.shards))
-        with_face = sum(with_faces)
+        stored = [stored_facts(shard) for shard in features.shards]
+        with_face = sum(facts.with_face for facts in stored)
         size = sum(shard.size for shard in features.shards)
         attrs = features.attrs
         facts = [
@@ -95,27 +155,66 @@ def inspect_summary(path) -> InspectSummary:
             ("frames", f"{frames}, {with_face} with a face ({100 * with_face / max(frames, 1):.1f}%)"),
             ("labels", label_summary(features.labels, attrs["classes"])),
             ("context", f"{attrs['context_dim']}-d {attrs['context_dtype']}"),
-            ("compression", compression_summary(list(compressions))),
+            ("compression", compression_summary([facts.compression for facts in stored])),
             ("on disk", f"{size / 1e6:.1f} MB, {size / max(frames, 1):.0f} bytes per frame"),
             ("failed clips", failures_summary(path)),
         ]
+        audio = audio_summary(features, sum(facts.with_audio for facts in stored)) if hears(attrs) else None
         attributes = [(key, describe(attrs[key])) for key in sorted(attrs)]
         differing = sorted({key for shard in features.shards for key in shard.attrs} - set(attrs))
-    return InspectSummary(facts, attributes, differing)
+    return InspectSummary(facts + (audio.facts() if audio else []), attributes, differing, audio)
+
+
+def audio_summary(features: FeatureSet, frames_with_audio: int) -> AudioSummary:
+    """The voice of a set that hears, from its clip tables and the frames with audio counted."""
+    tracks = {clip_id: track for shard in features.shards for clip_id, track in clip_tracks(shard)}
+    found = [track for track in tracks.values() if track.codec]
+
+    def most_first(values) -> dict:
+        return dict(Counter(values).most_common())
+
+    attrs = with_setting_defaults(features.attrs)
+    return AudioSummary(
+        features=attrs["audio_features"],
+        dim=attrs["audio_dim"],
+        clips=len(tracks),
+        frames=features.n_frames,
+        frames_with_audio=frames_with_audio,
+        with_track=len(found),
+        without_track=sum(map(has_no_track, tracks.values())),
+        codecs=most_first(track.codec for track in found),
+        rates=most_first(track.rate for track in found),
+        channels=most_first(track.channels for track in found),
+        unread=[(clip_id, unread_because(track)) for clip_id, track in tracks.items() if unread_because(track)],
+    )
+
+
+def clip_tracks(shard: ShardInfo) -> list[tuple[str, AudioTrack]]:
+    """(clip id, its audio track) of every clip of a shard that hears, from its clip table."""
+    rows = zip(*(shard.table[column] for column in AUDIO_CLIP_COLUMNS))
+    return [(clip_id, AudioTrack(*row)) for clip_id, row in zip(shard.table["clip_id"], rows)]
 
 
 def describe(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def stored_facts(shard: ShardInfo) -> tuple[int, str]:
-    """A shard's frames with a face and how its per-frame arrays are stored (the writer gives all
-    of them the same filters), from one opening of the file."""
+class StoredFacts(NamedTuple):
+    with_face: int  # frames with a face
+    compression: str  # how its per-frame arrays are stored (the writer gives all of them the same filters)
+    with_audio: int  # frames with audio (0 in a shard that does not hear)
+
+
+def stored_facts(shard: ShardInfo) -> StoredFacts:
+    """What a shard's per-frame arrays say of it as a whole, from one opening of the file."""
     with open_looked(shard) as handle:
         datasets = frame_datasets(handle, shard)
         try:
             with_face = int(np.count_nonzero(stored_has_face(datasets["has_face"])))
-            return with_face, compression_of(datasets["context"])
+            # has_audio is stored as has_face is, a one-byte bool; a shard that does not hear has none.
+            has_audio = datasets.get("has_audio")
+            with_audio = 0 if has_audio is None else int(np.count_nonzero(stored_has_face(has_audio)))
+            return StoredFacts(with_face, compression_of(datasets["context"]), with_audio)
         except FILE_ERRORS as exc:
             raise FeatureFileError(f"{shard.path}: per-frame arrays unreadable ({exc}); run `features validate`") from exc
 
@@ -370,7 +469,7 @@ def is_copy(path: Path, source: ShardInfo, compression: str) -> bool:
     """The copy's content hash is that of the source's attributes and clip table (which may have no hash: older)."""
     copy = read_shard_info(path)
     same = copy.attrs.get(CONTENT_SHA256) == content_sha256(source.attrs, source.table)
-    return same and stored_facts(copy)[1] == compression
+    return same and stored_facts(copy).compression == compression
 
 
 def repack_shard(features: FeatureSet, shard: ShardInfo, target: Path, compression: str, bar: tqdm) -> None:

@@ -1,6 +1,8 @@
 """One picture per predicted clip: what the model saw, where it looked, and what it decided.
 
 Top: up to MAX_FRAMES_SHOWN sampled frames, evenly spread over the clip, with the main face's box.
+Under them, when the run's features hear: the clip's stored audio over its time (report/audio.py),
+one column per sampled frame, grey where a frame has no audio, the frames shown above marked.
 Bottom left, for the CACA models: the attention the second RNN put, at each of its steps, on
 every step of the first RNN. Bottom right: the class probabilities.
 """
@@ -19,7 +21,10 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from extract.video import sample_frames
+from features.schema import ClipFeatures
 from outputs import write_atomically
+from report.audio import Voice, voice_colours
+from report.figures import text
 
 if TYPE_CHECKING:  # predict.predict imports this module
     from predict.predict import Prediction
@@ -27,6 +32,9 @@ if TYPE_CHECKING:  # predict.predict imports this module
 MAX_FRAMES_SHOWN = 8
 FIGURE_WIDTH = 16  # inches, at 100 dpi
 LOWER_ROW_HEIGHT = 5.5  # inches: attention and probabilities
+AUDIO_ROW_HEIGHT = 2.2  # inches: the audio strip, its title and its time axis
+MAX_SCALE_CHARS = 160  # of the audio's caption, which may quote a note from the file
+MAX_ID_CHARS = 80  # of a clip id in the title
 FRAME_TITLES_HEIGHT = 1.0  # inches above the frames: caption and times
 MAX_FRAME_HEIGHT = 4.0
 # Longest side of a shown frame, in pixels: a face box stays visible, the figure stays small.
@@ -81,23 +89,37 @@ def explain_clip(
     model_name: str,
     attended_stream: str | None,
     steps_frame_index: np.ndarray,
+    clip: ClipFeatures | None = None,
+    audio_bands: int = 0,
 ) -> Path:
-    """Write the clip's picture to `path` (a PNG); `boxes` (T, 4) are NaN where no face was found."""
-    upper_row = frames_row_height(frames)
-    figure = Figure(figsize=(FIGURE_WIDTH, upper_row + LOWER_ROW_HEIGHT), dpi=100, layout="constrained")
+    """Write the clip's picture to `path` (a PNG); `boxes` (T, 4) are NaN where no face was found. The extracted
+    `clip` gives its audio when the run's features hear (their recipe's `audio_bands`)."""
+    figure = explanation(frames, timestamps, boxes, prediction, classes, model_name, attended_stream,
+                         steps_frame_index, None if clip is None else Voice.of(clip, audio_bands))
+    path = Path(path)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    return path
+
+
+def explanation(frames: list[Thumbnail], timestamps: np.ndarray, boxes: np.ndarray, prediction: Prediction,
+                classes: list[str], model_name: str, attended_stream: str | None, steps_frame_index: np.ndarray,
+                voice: Voice | None = None) -> Figure:
+    """The clip's picture, as `explain_clip` writes it."""
+    rows = [frames_row_height(frames), *([AUDIO_ROW_HEIGHT] if voice is not None else []), LOWER_ROW_HEIGHT]
+    figure = Figure(figsize=(FIGURE_WIDTH, sum(rows)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     figure.suptitle(title(prediction, model_name), fontsize=16, fontweight="bold")
-    top, bottom = figure.subfigures(2, 1, height_ratios=[upper_row, LOWER_ROW_HEIGHT])
+    top, *middle, bottom = figure.subfigures(len(rows), 1, height_ratios=rows)
     draw_frames(top, frames, timestamps, boxes)
+    if voice is not None:
+        draw_voice(middle[0].subplots(), voice, np.asarray(timestamps), [frame.index for frame in frames])
     attention_axes, probability_axes = bottom.subplots(1, 2, width_ratios=[1.6, 1])
     if prediction.attention is None:
         draw_no_attention(attention_axes, model_name)
     else:
         draw_attention(attention_axes, prediction.attention, np.asarray(timestamps)[steps_frame_index], attended_stream)
     draw_probabilities(probability_axes, prediction, classes)
-    path = Path(path)
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
-    return path
+    return figure
 
 
 def frames_row_height(frames: list[Thumbnail]) -> float:
@@ -107,8 +129,11 @@ def frames_row_height(frames: list[Thumbnail]) -> float:
 
 
 def title(prediction: Prediction, model_name: str) -> str:
+    """The picture's title: the clip id and class names come from files, so `text` keeps matplotlib from reading
+    them as maths (an id with one `$` would stop the picture)."""
     share = prediction.probabilities[prediction.predicted]
-    return f"{prediction.clip_id}: predicted {prediction.predicted} ({share:.0%}) by model {model_name!r}"
+    return (f"{text(prediction.clip_id, MAX_ID_CHARS)}: predicted {text(prediction.predicted)} ({share:.0%}) by model"
+            f" {model_name!r}")
 
 
 def frames_caption(shown: int, boxes: np.ndarray) -> str:
@@ -132,6 +157,29 @@ def draw_frames(figure, frames: list[Thumbnail], timestamps: np.ndarray, boxes: 
         axes.set_title(f"{timestamps[frame.index]:.1f} s" + ("" if found else "\nno face"),
                        color="black" if found else NO_FACE_COLOUR, fontsize=11)
         axes.set_axis_off()
+
+
+def draw_voice(axes, voice: Voice, timestamps: np.ndarray, shown: list[int]) -> None:
+    """The audio over the clip's time: each sampled frame a column from halfway to the frame before to halfway to
+    the next, the frames shown above ticked with their times."""
+    edges = frame_edges(timestamps)
+    picture = voice_colours(voice)
+    # pcolormesh puts the mesh's first row at the bottom, where the picture has it last.
+    axes.pcolormesh(edges, np.arange(picture.shape[0] + 1), picture[::-1])
+    axes.set_xlim(edges[0], edges[-1])
+    axes.set_xticks(timestamps[shown], labels=[f"{timestamps[i]:.1f} s" for i in shown])
+    axes.set_yticks([])
+    axes.set_ylabel("low  ->  high" if voice.bands else "first  ->  last", fontsize=9)
+    axes.set_title(f"Audio, mean per sampled frame ({text(voice.scale(), MAX_SCALE_CHARS)}); ticks: the frames shown"
+                   " above", fontsize=11)
+
+
+def frame_edges(timestamps: np.ndarray) -> np.ndarray:
+    """(T + 1,) seconds: where each sampled frame's column starts and ends, halfway to its neighbours (the first and
+    last as wide as the mean step; a lone frame's, which fills the axes whatever its width, one second)."""
+    step = np.diff(timestamps).mean() if len(timestamps) > 1 else 1.0
+    return np.concatenate([[timestamps[0] - step / 2], (timestamps[1:] + timestamps[:-1]) / 2,
+                           [timestamps[-1] + step / 2]])
 
 
 def draw_attention(axes, attention: np.ndarray, step_times: np.ndarray, attended: str) -> None:

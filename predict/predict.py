@@ -162,7 +162,8 @@ def step_frames(has_face: np.ndarray) -> np.ndarray:
 def as_stored(clip: ClipFeatures, names: tuple[str, ...], context_dtype: str) -> dict[str, np.ndarray]:
     """The clip's arrays `names` in the dtypes a shard stores them in: the model learnt from features
     rounded so, and rounding the same way keeps a prediction equal to `evaluate`'s on the clip."""
-    arrays = frame_arrays(clip.context.shape[1], context_dtype)
+    audio_dim = clip.audio.shape[1] if clip.audio is not None else 0
+    arrays = frame_arrays(clip.context.shape[1], context_dtype, audio_dim=audio_dim)
     return {name: getattr(clip, name).astype(arrays[name][0]) for name in names}
 
 
@@ -295,7 +296,7 @@ def predict_videos(
                     pictures[clip.clip_id],
                     thumbnails(Path(clip.source_path), recipe.fps, len(clip.timestamps)),
                     clip.timestamps, clip.box, prediction, classes, loaded.name, attended_stream(model),
-                    step_frames(clip.has_face),
+                    step_frames(clip.has_face), clip=clip, audio_bands=recipe.audio_bands,
                 )
             except (VideoError, OSError) as exc:  # the video changed since it was read, or the disk is full
                 failures.append(Failure(clip.clip_id, clip.source_path, EXPLAIN_STAGE, one_line(str(exc)),

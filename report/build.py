@@ -1,9 +1,9 @@
 """`features report FOLDER... --out DIR`: DIR/index.html, one self-contained page showing whether an
 extraction went right, and the overview plots beside it as PNG files.
 
-Reads only what it draws: the clip tables, has_face, scores and boxes of every clip, and pixels
-(decoded again from the source videos below the folder the user names, or stored crops) for the
-clips shown only. Writes only
+Reads only what it draws: the clip tables, has_face, scores and boxes of every clip (and has_audio,
+for a set that hears), and pixels (decoded again from the source videos below the folder the user
+names, or stored crops) and stored audio for the clips shown only. Writes only
 into DIR, which must be new, empty or an earlier report (else `--overwrite`), each file through a
 temporary file renamed into place, the page last: a killed run leaves no half page.
 """

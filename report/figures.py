@@ -32,9 +32,9 @@ class Overview:
     draw: Callable  # (axes, SetFacts) -> None
 
 
-def text(value: str) -> str:
-    """A string from a file as matplotlib shows it: cut short, and never read as mathtext."""
-    value = value if len(value) <= MAX_TICK_CHARS else value[: MAX_TICK_CHARS - 1] + "…"
+def text(value: str, limit: int = MAX_TICK_CHARS) -> str:
+    """A string from a file as matplotlib shows it: cut to `limit` characters, and never read as mathtext."""
+    value = value if len(value) <= limit else value[: limit - 1] + "…"
     return value.replace("$", r"\$")
 
 

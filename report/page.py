@@ -14,7 +14,10 @@ import io
 import numpy as np
 from PIL import Image
 
+from extract.audio import EGEMAPS_DESCRIPTORS
 from features.failures import STAGES
+from features.tools import has_no_track, plural, unread_because
+from report.audio import Voice
 from report.choice import CLIPS_PER_RULE, RULES, SAMPLE_SEED
 from report.facts import SetFacts
 from report.figures import Overview
@@ -23,6 +26,7 @@ from report.sheets import ClipSheet
 MAX_TEXT_CHARS = 300
 JPEG_QUALITY = 85
 FIRST_MESSAGES = 3  # failure messages shown per stage
+FIRST_UNREAD = 10  # clips whose audio could not be read, listed per set
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1800px; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
@@ -73,10 +77,6 @@ def data_uri(data: bytes, kind: str) -> str:
     return f"data:{kind};base64," + base64.b64encode(data).decode("ascii")
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
 def table(rows: list[tuple[str, str]]) -> str:
     cells = "".join(f"<tr><td class='key'>{text(key)}</td><td>{text(value)}</td></tr>" for key, value in rows)
     return f"<table>{cells}</table>"
@@ -100,9 +100,25 @@ def alerts(facts: SetFacts) -> list[str]:
         faceless = sum(clip.faces == 0 for clip in facts.clips)
         if faceless:
             lines.append(f"{faceless} of {len(facts.clips)} clips have no face in any frame.")
+    audio = facts.summary.audio
+    if audio and facts.clips and not audio.frames_with_audio:
+        lines.append("No frame of this set has audio: check that the videos have sound, and the clips whose audio"
+                     " could not be read.")
     unreadable = [file for file in facts.failures if file.unreadable is not None]
     lines += [f"{file.path}: unreadable ({file.unreadable})" for file in unreadable]
     return lines
+
+
+def unread_audio_section(facts: SetFacts) -> str:
+    """The clips of a set that hears whose audio track could not be read whole, with why; nothing for a set
+    that does not hear."""
+    audio = facts.summary.audio
+    if audio is None:
+        return ""
+    listed = "<br>".join(f"<code>{text(clip_id)}</code>: {text(note)}" for clip_id, note in audio.unread[:FIRST_UNREAD])
+    more = len(audio.unread) - FIRST_UNREAD
+    listed += f"<br>... and {more} more" if more > 0 else ""
+    return f"<h4>Audio not read</h4><p>{listed or 'None: every track found was read whole.'}</p>"
 
 
 def failures_section(facts: SetFacts) -> str:
@@ -129,7 +145,7 @@ def failures_section(facts: SetFacts) -> str:
 
 def set_section(facts: SetFacts, name: str) -> str:
     alert_lines = "".join(f"<p class='alert'>{text(line)}</p>" for line in alerts(facts))
-    return (f"<div><h3>{text(name)}</h3>{alert_lines}{summary_table(facts)}"
+    return (f"<div><h3>{text(name)}</h3>{alert_lines}{summary_table(facts)}{unread_audio_section(facts)}"
             f"<h4>Failed clips</h4>{failures_section(facts)}</div>")
 
 
@@ -151,16 +167,40 @@ def cell_html(cell) -> str:
             f"<figcaption>frame {cell.position}, {cell.time:.2f} s, {face}</figcaption></figure>")
 
 
+def voice_facts(voice: Voice) -> str:
+    """A clip's audio as its row's facts say it."""
+    track, heard = voice.track, int(np.count_nonzero(voice.has_audio))
+    if track is not None and has_no_track(track):
+        return "no audio track"
+    stored = ""
+    if track is not None and track.codec:
+        stored = f" ({text(track.codec)}, {track.rate} Hz, {plural(track.channels, 'channel')})"
+    return f"audio in {heard} of {plural(len(voice.has_audio), 'frame')}{stored}"
+
+
+def voice_html(sheet: ClipSheet) -> tuple[str, str, str]:
+    """A row's audio: its facts, its note when the track could not be read whole, and its strip; nothing for a set
+    that does not hear."""
+    voice = sheet.voice
+    if voice is None:
+        return "", "", ""
+    note = unread_because(voice.track) if voice.track is not None else ""
+    return (f" · {voice_facts(voice)}", f"<p class='note'>audio: {text(note)}</p>" if note else "",
+            f"<img class='timeline' alt='audio' title='{text(voice.scale())}' src='{drawing_uri(sheet.audio_strip)}'>")
+
+
 def clip_html(sheet: ClipSheet, names: list[str]) -> str:
     clip = sheet.chosen.clip
     score = f", mean score {clip.mean_score:.2f}" if clip.faces else ""
+    heard, audio_note, audio_strip = voice_html(sheet)
     facts = (f"{text(names[clip.folder])} · label {text(clip.label or 'unlabelled')} · face in {clip.faces} of"
-             f" {clip.frames} frames ({clip.face_rate:.0%}){score} · {clip.jumps} jumps · {clip.duration:.1f} s")
+             f" {clip.frames} frames ({clip.face_rate:.0%}){score} · {clip.jumps} jumps · {clip.duration:.1f} s"
+             f"{heard}")
     why = f"<p class='rule'>why: {text(', '.join(sheet.chosen.reasons))}</p>" if sheet.chosen.reasons else ""
-    notes = "".join(f"<p class='note'>{text(note)}</p>" for note in sheet.notes)
+    notes = "".join(f"<p class='note'>{text(note)}</p>" for note in sheet.notes) + audio_note
     cells = "".join(cell_html(cell) for cell in sheet.cells)
     return (f"<div class='clip'><h3>{text(clip.clip_id)}</h3><p class='facts'>{facts}</p>{why}{notes}"
-            f"<div class='frames'>{cells}</div>"
+            f"<div class='frames'>{cells}</div>{audio_strip}"
             f"<img class='timeline' alt='frames with a face' src='{drawing_uri(sheet.timeline)}'></div>")
 
 
@@ -171,6 +211,14 @@ def rules_caption(applying: dict[str, int], clips: int) -> str:
             f" order); a clip chosen by several rules is shown once.</p><ul>{items}</ul>")
 
 
+AUDIO_CAPTION = (
+    "For a set that hears, the strip above that one is the clip's stored audio on the same frames, one column"
+    " each: for log-mel features the mean of each of its bands over the frame's window, low bands at the bottom,"
+    " black for silence and brightest for the clip's loudest band; for other features (eGeMAPS) the mean of each"
+    f" value, the first ({EGEMAPS_DESCRIPTORS[0]} for eGeMAPS) at the bottom, each from its lowest to its highest"
+    " in the clip. Grey columns are frames without audio (no track, a track that starts late or ends early, audio"
+    " that could not be read). Look for grey where the clip should be heard, and for bright bands where a voice is."
+)
 SHEET_CAPTION = (
     "Each row: frames spread over the clip, decoded again from its video at the stored times, with the stored"
     " main-face box in green; beside each, the face crop the face CNN saw (the first frame without a face and"
@@ -195,6 +243,7 @@ def page(sets: list[SetFacts], names: list[str], overviews: list[tuple[Overview,
         "<h2>Clips worth a look</h2>",
         rules_caption(applying, clips),
         f"<p class='caption'>{SHEET_CAPTION}</p>",
+        f"<p class='caption'>{AUDIO_CAPTION}</p>" * any(sheet.voice is not None for sheet in worth + sampled),
         "".join(clip_html(sheet, names) for sheet in worth) or "<p>None.</p>",
         "<h2>A random sample</h2>",
         f"<p class='caption'>{len(sampled)} of the {clips} clips, drawn at random (seed {SAMPLE_SEED}, so the"

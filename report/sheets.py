@@ -1,5 +1,6 @@
 """Contact sheets: for each chosen clip, K frames across it with the stored main-face box drawn, the
-face crop beside each, and a strip marking the frames with and without a face. The K frames are
+face crop beside each, a strip marking the frames with and without a face, and for a set that hears
+a strip of its stored audio above it on the same time axis (report/audio.py). The K frames are
 spread evenly, but for the first frame without a face and both sides of the main face's first
 jump, which take the place of the nearest spread ones.
 
@@ -24,7 +25,10 @@ from PIL import Image, ImageDraw
 from extract.faces import FACE_CROP_SIZE, crop_squares
 from extract.video import VideoError, sample_frames
 from features.reader import FeatureSet
+from features.recipe import with_setting_defaults
+from features.schema import AUDIO_ARRAY_NAMES, hears
 from values import shown
+from report.audio import Voice, voice_colours
 from report.choice import Chosen
 from report.facts import jump_frames
 
@@ -35,6 +39,7 @@ MAX_FRAME_WIDTH = 2 * FRAME_HEIGHT  # wider frames are shown smaller
 # extractor's, so they are equal unless the video changed.
 SAME_TIME = 1e-3
 TIMELINE_WIDTH, TIMELINE_HEIGHT, MARK_HEIGHT = 800, 14, 5
+AUDIO_HEIGHT = 64  # pixels of the audio strip, whatever its number of values (64 log-mel bands, 25 descriptors)
 FACE_COLOUR, NO_FACE_COLOUR, MARK_COLOUR = (46, 160, 67), (214, 39, 40), (0, 0, 0)
 BOX_COLOUR, BOX_WIDTH = (0, 255, 0), 2
 STORED_ARRAYS = ("timestamps", "has_face", "box", "score")
@@ -58,6 +63,8 @@ class ClipSheet:
     cells: list[Cell]
     timeline: np.ndarray  # RGB strip: the clip's frames with (green) and without (red) a face, shown ones marked
     notes: list[str] = field(default_factory=list)
+    voice: Voice | None = None  # for a set that hears
+    audio_strip: np.ndarray | None = None  # RGB, as wide as the timeline: the voice on the same frames
 
 
 def spread(frames: int, count: int) -> list[int]:
@@ -115,12 +122,18 @@ def clip_sheet(features: FeatureSet, chosen: Chosen, count: int, videos: Path | 
     """The sheet row of a chosen clip of `features`: `count` frames at most, decoded from its source
     video when that lies below `videos`."""
     crops_stored = bool(features.attrs.get("face_crops_stored"))
-    clip = features.read(chosen.clip.clip_id, arrays=STORED_ARRAYS + (("face_crop",) if crops_stored else ()))
+    hearing = hears(features.attrs)
+    arrays = STORED_ARRAYS + (("face_crop",) if crops_stored else ()) + (AUDIO_ARRAY_NAMES if hearing else ())
+    clip = features.read(chosen.clip.clip_id, arrays=arrays)
     positions = shown_frames(clip["has_face"], clip["box"], count)
     cells = [
         Cell(p, float(clip["timestamps"][p]), bool(clip["has_face"][p]), float(clip["score"][p])) for p in positions
     ]
     sheet = ClipSheet(chosen, cells, timeline(clip["has_face"], positions))
+    if hearing:
+        sheet.voice = Voice(clip["audio"], clip["has_audio"], with_setting_defaults(features.attrs)["audio_bands"],
+                            clip["audio_track"])
+        sheet.audio_strip = audio_strip(sheet.voice)
     video, problem = reachable_video(chosen.clip.source_path, videos)
     if video is None:
         sheet.notes.append(problem)
@@ -210,3 +223,10 @@ def timeline(has_face: np.ndarray, marked: list[int]) -> np.ndarray:
         draw.polygon([(middle, TIMELINE_HEIGHT), (middle - MARK_HEIGHT, TIMELINE_HEIGHT + MARK_HEIGHT),
                       (middle + MARK_HEIGHT, TIMELINE_HEIGHT + MARK_HEIGHT)], fill=MARK_COLOUR)
     return np.asarray(strip)
+
+
+def audio_strip(voice: Voice) -> np.ndarray:
+    """The voice as a strip over the timeline's frames: the same width, each frame the same columns."""
+    picture = Image.fromarray(voice_colours(voice))
+    # BOX, as the timeline's: the same frames land on the same columns.
+    return np.asarray(picture.resize((TIMELINE_WIDTH, AUDIO_HEIGHT), Image.Resampling.BOX))

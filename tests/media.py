@@ -155,3 +155,27 @@ def write_av_clip(path: Path, frames: list[np.ndarray], audio: np.ndarray | None
             container.mux(sound.encode())
         container.mux(video.encode())
     return path
+
+
+def burst_track(seconds: float, rate: int, burst: tuple[float, float], start: float = 0.0, channels: int = 2,
+                frequency: float = 1000) -> np.ndarray:
+    """(channels, samples) in [-1, 1]: a quiet 300 Hz hum with a loud burst of `frequency` Hz during `burst` (seconds
+    of the video), for a track that starts `start` seconds into a video `seconds` long and lasts to its end."""
+    hum = tone(300, seconds - start, rate, amplitude=0.03)
+    first = round((burst[0] - start) * rate)
+    loud = tone(frequency, burst[1] - burst[0], rate)
+    hum[first:first + len(loud)] += loud[:max(0, len(hum) - first)]
+    return np.stack([hum] * channels)
+
+
+def burst_frames(stamps: np.ndarray, window: float, burst: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Of the sampled frames at `stamps`, each hearing `window` seconds around it: those whose windows lie inside
+    `burst`, and those whose windows lie an analysis frame (25 ms) or more away from it."""
+    inside = (stamps - window / 2 >= burst[0] - 1e-6) & (stamps + window / 2 <= burst[1] + 1e-6)
+    away = (stamps + window / 2 < burst[0] - 0.025) | (stamps - window / 2 > burst[1] + 0.025)
+    return inside, away
+
+
+def brightness(pixels: np.ndarray) -> np.ndarray:
+    """The mean luma (ITU-R 601) of RGB `pixels` (..., N, 3): one number per row of N pixels."""
+    return (pixels[..., :3].astype(float) @ [0.299, 0.587, 0.114]).mean(axis=-1)

@@ -29,7 +29,7 @@ from features.tools import validate
 from manifests.manifest import ClipEntry, read_manifest, write_manifest
 from tests.cli_runs import one_line_error, run_cli
 from tests.feature_files import assert_same_clips, read_all
-from tests.media import AUDIO_CODECS, moving_face, tone, write_av_clip
+from tests.media import AUDIO_CODECS, burst_track, moving_face, tone, write_av_clip
 
 FPS = 5.0
 SECONDS = 3.0
@@ -61,12 +61,8 @@ def burst_frequency(rate: int) -> float:
 
 
 def burst_signal(rate: int, channels: int, seconds: float = SECONDS, start: float = 0.0) -> np.ndarray:
-    """A hum with a burst at BURST (video time, for a track starting at `start`), on every channel."""
-    signal = tone(300, seconds, rate, amplitude=0.05)
-    first = round((BURST[0] - start) * rate)
-    burst = tone(burst_frequency(rate), BURST[1] - BURST[0], rate)
-    signal[first:first + len(burst)] += burst
-    return np.stack([signal] * channels)
+    """A hum with a burst at BURST (video time, for a track starting at `start` and ending at `seconds`)."""
+    return burst_track(seconds, rate, BURST, start, channels, burst_frequency(rate))
 
 
 def heard(path: Path, recipe: FeatureRecipe):
@@ -143,7 +139,7 @@ def test_each_encoding_gives_the_reference_features_and_the_burst_in_its_steps(e
 
 def test_a_track_starting_late_is_heard_where_it_plays(recipe, frames, tmp_path):
     start = 0.5
-    path = write_av_clip(tmp_path / "late.mp4", frames, burst_signal(44100, 2, SECONDS - start, start), 44100,
+    path = write_av_clip(tmp_path / "late.mp4", frames, burst_signal(44100, 2, SECONDS, start), 44100,
                          audio_start=start)
     stamps, got = heard(path, recipe)
     # AAC's encoder primes 1024 samples (23 ms) before the first: the track plays from 0.477 s.

@@ -1,4 +1,4 @@
-"""The feature-file format: round trips, atomic shards, the index, fork safety, validation, merge."""
+"""The feature-file format: round trips, atomic shards, the index, fork safety, validation, merge, inspect."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ import torch
 
 from features.reader import open_features, write_index
 from features.recipe import MAX_CONTEXT_DIM
-from features.schema import ClipFeatures, FeatureFileError, comparable
+from features.schema import NO_TRACK, AudioTrack, ClipFeatures, FeatureFileError, comparable
 from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
 from features.recipe import RECIPE_ATTRS, SETTING_DEFAULTS, FeatureRecipe
 from features.schema import (
     COMPRESSIONS, FRAME_ARRAY_NAMES, INDEX_NAME, content_sha256, shard_name, temp_files,
 )
-from features.tools import WARNING, inspect, merge, repack, validate
+from features.tools import WARNING, AudioSummary, inspect, inspect_summary, merge, repack, validate
 from features import reader, tools, writer
 from tests.feature_files import extractor_attrs as shared_extractor_attrs
 
@@ -486,6 +486,51 @@ def test_merge_of_two_machines_folders_gives_one_set(tmp_path):
     assert validate(tmp_path / "all") == []
     summary = inspect(tmp_path / "all")
     assert "shards        3" in summary and "clips         4" in summary and "unlabelled 1" in summary
+
+
+def clip_heard(clip: ClipFeatures, track: AudioTrack, heard_frames: int) -> ClipFeatures:
+    """`clip` with its first `heard_frames` frames heard, as a set extracted with log-mel features stores them."""
+    has_audio = np.arange(len(clip.timestamps)) < heard_frames
+    audio = np.where(has_audio[:, None], np.float32(-10), np.float32(0)) * np.ones((1, 128), np.float32)
+    return dataclasses.replace(clip, audio=audio, has_audio=has_audio, audio_track=track)
+
+
+UNKNOWN_CODEC = "audio codec unknown here (codec 'xyz' not found)"
+DAMAGED = "damaged audio at 0.40 s (and 1 more)"
+
+
+def test_inspect_says_what_a_set_heard_and_a_set_made_without_audio_says_nothing_of_it(tmp_path):
+    # Imported here: the scripts that tests of this module run import it, and must not wait for torch and PyAV.
+    from extract.clips import audio_settings
+
+    hearing = extractor_attrs(**audio_settings({"audio_features": "logmel", "audio_rate": 16000, "audio_window": None,
+                                                "fps": 5.0}))
+    write_shard(tmp_path / "heard", 0, [clip_heard(make_clip("aac", 6, seed=1), AudioTrack("aac", 44100, 2), 6),
+                                        clip_heard(make_clip("aac 48k", 4, seed=2),
+                                                   AudioTrack("aac", 48000, 2, DAMAGED), 2)], attrs=hearing)
+    write_shard(tmp_path / "heard", 1, [clip_heard(make_clip("mp3", 5, seed=3), AudioTrack("mp3", 44100, 1), 5),
+                                        clip_heard(make_clip("mute", 3, seed=4), AudioTrack(note=NO_TRACK), 0),
+                                        clip_heard(make_clip("odd", 2, seed=5), AudioTrack(note=UNKNOWN_CODEC), 0)],
+                attrs=hearing)
+    write_index(tmp_path / "heard")
+    summary = inspect_summary(tmp_path / "heard")
+    assert summary.audio == AudioSummary(
+        features="logmel", dim=128, clips=5, frames=20, frames_with_audio=13, with_track=3, without_track=1,
+        codecs={"aac": 2, "mp3": 1}, rates={44100: 2, 48000: 1}, channels={2: 2, 1: 1},
+        unread=[("aac 48k", DAMAGED), ("odd", UNKNOWN_CODEC)],
+    )
+    assert inspect(tmp_path / "heard").split("\nattributes:")[0].endswith(
+        "audio         logmel, 128 values a frame\n"
+        "audio frames  13 of 20 with audio (65.0%)\n"
+        "audio tracks  3 clips with a track, 1 without, 1 not known\n"
+        "audio codecs  aac (2 clips), mp3 (1 clip)\n"
+        "sample rates  44100 Hz (2 clips), 48000 Hz (1 clip)\n"
+        "channels      2 (2 clips), 1 (1 clip)\n"
+        "audio unread  2 clips (`features report` lists why)"
+    )
+    three_shards(tmp_path / "silent")
+    summary = inspect_summary(tmp_path / "silent")
+    assert summary.audio is None and not [key for key, _ in summary.facts if "audio" in key or key == "channels"]
 
 
 def test_merge_refuses_a_clip_id_present_on_two_machines(tmp_path):

@@ -1,4 +1,5 @@
-"""predict on raw videos: a tiny real run, the run's exact extraction, per-file failures, CSV and pictures."""
+"""predict on raw videos: a tiny real run, the run's exact extraction, per-file failures, CSV and pictures (with the
+audio of a clip with a real AAC track, and of one without a track)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli as cli_module
+import predict.predict as predict_module
 from extract.pipeline import extract_split
 from extract.settings import ExtractSettings
 from extract.retinaface import RetinaFaceDetector
 from extract.video import VideoError
 from manifests.builders import build_folder
 from manifests.manifest import write_manifest
-from predict.explain import THUMBNAIL_SIDE, explain_clip, frames_to_show, thumbnails
+from predict.explain import THUMBNAIL_SIDE, explain_clip, explanation, frames_to_show, thumbnails
 from predict.predict import Prediction, PredictError, collect_videos, predict_videos
+from report.audio import NO_AUDIO_COLOUR, Voice
 from tests.conftest import QUIET, quiet
-from tests.media import photo, write_clip
+from tests.media import brightness, burst_frames, burst_track, photo, write_av_clip, write_clip
 from tests.media import moving_face
 from train.ensemble import fit_ensemble
 from train.config import TrainConfig
@@ -37,6 +40,9 @@ GOOD = {"coffee.mp4", "more/rocket.mp4", "cat.mp4"}
 DATASET_IDS = {"train": {"train/happy/coffee", "train/happy/rocket", "train/neutral/cat"},
                "val": {"val/happy/rocket", "val/neutral/cat"}}
 BAD = {"empty.mp4", "notes.mp4", "gone.mp4"}
+# coffee.mp4 (2 s) has an AAC track from AUDIO_START on: a hum with a 1 kHz burst at BURST (video time), which the
+# frame at 1.2 s hears whole; the other videos have no track.
+AUDIO_START, BURST, RATE = 0.3, (1.1, 1.3), 44100
 
 
 def cat(frames: int) -> list[np.ndarray]:
@@ -75,7 +81,8 @@ def run(dataset):
 def videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
     (folder / "more").mkdir()
-    write_clip(folder / "coffee.mp4", moving_face("coffee", frames=30))
+    write_av_clip(folder / "coffee.mp4", moving_face("coffee", frames=50), burst_track(2.0, RATE, BURST, AUDIO_START),
+                  RATE, "aac", "stereo", fps=25, audio_start=AUDIO_START)
     write_clip(folder / "more" / "rocket.mp4", moving_face("rocket", frames=25))
     write_clip(folder / "cat.mp4", cat(15))
     (folder / "empty.mp4").write_bytes(b"")
@@ -84,12 +91,26 @@ def videos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def predicted(run, videos, tmp_path_factory):
+def explained() -> dict[str, tuple[tuple, dict]]:
+    """Picture file (below the --explain folder) -> the arguments `predicted` drew it with."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def predicted(run, videos, tmp_path_factory, explained):
     out = tmp_path_factory.mktemp("out")
     lines: list[str] = []
     inputs = [videos, videos / "gone.mp4"]
-    predictions, failures = predict_videos(run, inputs, device="cpu", explain_dir=out / "explain",
-                                           out_csv=out / "predictions.csv", log=lines.append)
+    real_explain_clip = predict_module.explain_clip
+
+    def explain_clip(path, *args, **kwargs):
+        explained[Path(path).relative_to(out / "explain").as_posix()] = args, kwargs
+        return real_explain_clip(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict_module, "explain_clip", explain_clip)
+        predictions, failures = predict_videos(run, inputs, device="cpu", explain_dir=out / "explain",
+                                               out_csv=out / "predictions.csv", log=lines.append)
     return out, {p.clip_id: p for p in predictions}, failures, lines
 
 
@@ -114,10 +135,10 @@ def test_good_videos_are_predicted_and_bad_ones_fail_one_line_each(run, videos, 
 def test_steps_and_attention_follow_the_training_policy(predicted):
     _, predictions, _, _ = predicted
     coffee, rocket, faceless = predictions["coffee.mp4"], predictions["more/rocket.mp4"], predictions["cat.mp4"]
-    # 25 fps sources sampled at the run's 5 fps: 30 frames -> 6 samples, 25 -> 5, 15 -> 3.
-    assert (coffee.frames, coffee.frames_with_face) == (6, 6)
+    # 25 fps sources sampled at the run's 5 fps: 50 frames -> 10 samples, 25 -> 5, 15 -> 3.
+    assert (coffee.frames, coffee.frames_with_face) == (10, 10)
     assert (rocket.frames, rocket.frames_with_face) == (5, 5)
-    assert coffee.attention.shape == (6, 6) and rocket.attention.shape == (5, 5)
+    assert coffee.attention.shape == (10, 10) and rocket.attention.shape == (5, 5)
     np.testing.assert_allclose(coffee.attention.sum(axis=1), 1.0, atol=1e-5)
     # A clip without any face is still predicted, from all its frames.
     assert (faceless.frames, faceless.frames_with_face) == (3, 0) and faceless.attention.shape == (3, 3)
@@ -144,6 +165,43 @@ def test_one_readable_picture_per_predicted_clip(predicted):
     for picture in pictures:
         with Image.open(out / "explain" / picture) as image:
             assert image.format == "PNG" and 1000 <= image.width <= 2400 and 600 <= image.height <= 1600
+
+
+def audio_columns(picture: np.ndarray, figure, timestamps: np.ndarray) -> np.ndarray:
+    """(T, height, 3): the pixels of `picture` (drawn from `figure`) down the middle of each sampled frame's column
+    of the audio strip, placed by the strip's own time axis."""
+    (axes,) = [axes for axes in figure.get_axes() if axes.get_title().startswith("Audio")]
+    box = axes.get_window_extent()
+    top, bottom = picture.shape[0] - int(box.y1) + 2, picture.shape[0] - int(box.y0) - 2  # display y grows upwards
+    xs = axes.transData.transform(np.stack([timestamps, np.zeros_like(timestamps)], axis=1))[:, 0]
+    return np.stack([picture[top:bottom, int(x)] for x in xs])
+
+
+def test_the_pictures_show_the_audio_on_the_clips_time_and_frames_without_it_grey(predicted, explained):
+    """The picture written for each clip is the figure `explanation` draws from the same values: its audio strip is
+    found by its own time axis, and the burst's frame must be its brightest column."""
+    out = predicted[0]
+    for name in ("coffee.mp4.png", "cat.mp4.png"):
+        args, kwargs = explained[name]
+        clip = kwargs["clip"]
+        assert kwargs["audio_bands"] == 64 and clip.audio.shape == (len(clip.timestamps), 128)
+        figure = explanation(*args, Voice.of(clip, kwargs["audio_bands"]))
+        figure.canvas.draw()
+        with Image.open(out / "explain" / name) as image:
+            picture = np.asarray(image.convert("RGB"))
+        assert picture.shape[:2] == np.asarray(figure.canvas.buffer_rgba()).shape[:2]
+        columns = audio_columns(picture, figure, clip.timestamps)
+        grey = (np.abs(columns.astype(int) - NO_AUDIO_COLOUR) <= 2).all(axis=(1, 2))
+        np.testing.assert_array_equal(grey, ~clip.has_audio)
+        if name == "cat.mp4.png":
+            assert clip.audio_track.note == "no audio track" and not clip.has_audio.any()
+            continue
+        stamps = clip.timestamps
+        assert clip.audio_track.codec == "aac" and list(clip.has_audio) == list(stamps > AUDIO_START - 0.05)
+        inside, away = burst_frames(stamps, 0.2, BURST)
+        lit = brightness(columns)
+        assert inside.sum() == 1 and (away & clip.has_audio).sum() >= 5
+        assert lit[inside].min() > lit[away & clip.has_audio].max(), lit
 
 
 def assert_predict_equals_evaluate(predictions: list[Prediction], run: Path) -> None:
@@ -225,6 +283,9 @@ def test_a_model_without_attention_says_so_in_its_picture(videos, tmp_path):
                            np.arange(3))
     with Image.open(picture) as image:
         assert image.format == "PNG"
+    # Without features that hear (clip=None), nothing of audio.
+    figure = explanation(shown, np.arange(3) * 0.2, boxes, prediction, classes, "face", None, np.arange(3))
+    assert not any("Audio" in axes.get_title() for axes in figure.get_axes())
 
 
 def test_the_predict_command_reports_each_clip_and_exits_3_when_some_failed(run, videos, tmp_path):
@@ -280,8 +341,6 @@ def test_pictures_of_crafted_clip_ids_stay_in_the_folder_and_never_collide(run, 
 
 
 def test_a_picture_that_cannot_be_made_fails_its_clip_and_the_rest_go_on(run, videos, tmp_path, monkeypatch):
-    import predict.predict as predict_module
-
     real_thumbnails = predict_module.thumbnails
 
     def thumbnails(video, fps, count):

@@ -1,7 +1,8 @@
-"""`features report` on a small real extraction (real photos made into clips, the real networks): the page
-and its pictures, inspect's numbers, the clips worth a look, no external reference, videos moved away;
-and bad inputs, each one line or a page that says so. In-process: the CLI's own behaviour here is
-its exit status and its lines, which the in-process runner shows as a subprocess would."""
+"""`features report` on a small real extraction (real photos made into clips, the real networks, one clip with a
+real AAC track): the page and its pictures, inspect's numbers, the clips worth a look, the audio strips, no
+external reference, videos moved away; and bad inputs, each one line or a page that says so. In-process: the
+CLI's own behaviour here is its exit status and its lines, which the in-process runner shows as a subprocess
+would."""
 
 from __future__ import annotations
 
@@ -17,23 +18,35 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from extract.audio import TrackReader
+from extract.clips import audio_settings
+from extract.video import sample_frames
 from features import tools
-from features.reader import write_index
-from features.schema import shard_name
+from features.reader import open_features, write_index
+from features.recipe import FeatureRecipe
+from features.schema import NO_TRACK, AudioTrack, shard_name
 from features.writer import ShardWriter
 from manifests.manifest import ClipEntry, write_manifest
+from report.audio import NO_AUDIO_COLOUR
 from report.build import REPORT_FILES, build_report
 from report.figures import DPI, OVERVIEWS, PANEL_WIDTH
+from report.page import AUDIO_CAPTION
 from report.settings import PAGE
-from report.sheets import shown_frames
+from report.sheets import TIMELINE_WIDTH, shown_frames
 from tests.cli_runs import one_line_error, run_cli
 from tests.feature_files import clip_of, extractor_attrs
-from tests.media import heads_on_scene, moving_face, photo, write_clip
+from tests.media import (brightness, burst_frames, burst_track, heads_on_scene, moving_face, photo, write_av_clip,
+                         write_clip)
 
 FRAME = (270, 480)
 FACELESS_ID = "cat/<i>no face</i>"
 # A clip id with path characters and markup: it must neither build a path nor reach the page as markup.
 JUMPING_ID = "../../escape/<script>jumps</script>"
+# The one clip with a track: AAC, 44.1 kHz stereo, starting AUDIO_START s after its first frame (so its first frames
+# have no audio), a quiet hum with a 1 kHz burst at BURST (video time), which the frames at 1.6 and 1.8 s hear whole.
+VOICED_ID = "voiced"
+VOICED_FRAMES = 15  # at 5 fps: 3 s
+AUDIO_START, BURST, RATE = 0.6, (1.5, 1.9), 44100
 
 
 def one_head(face: str, left: int, top: int, scene: str = "coffee") -> np.ndarray:
@@ -41,7 +54,7 @@ def one_head(face: str, left: int, top: int, scene: str = "coffee") -> np.ndarra
 
 
 def clips() -> dict[str, tuple[list[np.ndarray], int]]:
-    """Clip id -> (frames, fps): every sampled frame is one of these at 5 fps."""
+    """Clip id -> (frames, fps): every sampled frame is one of these at 5 fps; each has no audio track."""
     return {
         "face": (moving_face("coffee", frames=4, step=20), 5),
         FACELESS_ID: ([photo("chelsea")] * 4, 5),
@@ -60,6 +73,10 @@ def extraction(tmp_path_factory, extraction_weights):
     videos.mkdir()
     entries = [ClipEntry(clip_id, write_clip(videos / f"{number}.mp4", frames, fps=fps), "happy", "train")
                for number, (clip_id, (frames, fps)) in enumerate(clips().items())]
+    track = burst_track(VOICED_FRAMES / 5, RATE, BURST, start=AUDIO_START)
+    voiced = write_av_clip(videos / "voiced.mp4", moving_face("coffee", frames=VOICED_FRAMES, step=10), track, RATE,
+                           "aac", "stereo", fps=5, audio_start=AUDIO_START)
+    entries.append(ClipEntry(VOICED_ID, voiced, "happy", "train"))
     write_manifest(entries + [ClipEntry("lost", videos / "lost.mp4", "sad", "train")], root / "m.csv")
     status, _, stderr = run_cli("extract", "--manifest", root / "m.csv", "--split", "train", "--out", root / "features",
                                 "--context-backbone", "mobilenet_v2", "--device", "cpu", "--quiet")
@@ -97,8 +114,9 @@ def test_the_page_and_its_pictures_are_readable_images_of_sensible_size(report):
         with Image.open(out / overview.file) as png:
             assert png.format == "PNG" and 300 <= png.width <= 3000 and 200 <= png.height <= 2000, overview.file
     shown = pictures(page)
-    # 5 overviews; per clip shown (all 4: every one is worth a look or sampled) a timeline, and frames and crops.
-    assert len(shown) >= 5 + 4 * 3
+    # 5 overviews; per clip shown (all 5: every one is worth a look or sampled) an audio strip, a timeline, and
+    # frames and crops.
+    assert len(shown) >= 5 + 5 * 4
     for picture in shown:
         picture.load()
         assert 100 <= picture.width <= 3000 and 10 <= picture.height <= 2000, picture.size
@@ -116,6 +134,140 @@ def test_the_numbers_on_the_page_are_inspects(extraction, report):
     for key, value in rows:
         assert f"<td class='key'>{html.escape(key)}</td><td>{html.escape(value)}</td>" in page, (key, value)
     assert "decode</td><td>1</td>" in page and "lost.mp4: file not found" in page
+
+
+def clip_row(page: str, clip_id: str) -> str:
+    """The first contact-sheet row of `clip_id`."""
+    start = page.index(f"<div class='clip'><h3>{html.escape(clip_id)}</h3>")
+    end = page.find("<div class='clip'>", start + 1)
+    return page[start:end if end > 0 else len(page)]
+
+
+def audio_strip(row: str) -> np.ndarray:
+    """The audio strip of a contact-sheet row, RGB."""
+    (data,) = re.findall(r"alt='audio' title='[^']*' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", row)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def frame_columns(strip: np.ndarray, frames: int) -> np.ndarray:
+    """(frames, height, 3): the strip's pixel column in the middle of each frame's part of the time axis, which the
+    face strip below shares (frame i of T in [i, i + 1) * width / T)."""
+    return np.stack([strip[:, int((i + 0.5) * strip.shape[1] / frames)] for i in range(frames)])
+
+
+def assert_the_burst_is_brightest_and_the_unheard_grey(strip: np.ndarray, stamps: np.ndarray, heard: np.ndarray,
+                                                       window: float) -> None:
+    columns = frame_columns(strip, len(stamps))
+    assert (columns[~heard] == NO_AUDIO_COLOUR).all() and not (columns[heard] == NO_AUDIO_COLOUR).all(axis=(1, 2)).any()
+    inside, away = burst_frames(stamps, window, BURST)
+    lit = brightness(columns)
+    assert inside.sum() == 2 and (away & heard).sum() >= 8
+    assert lit[inside].min() > lit[away & heard].max(), lit
+
+
+def test_a_set_that_hears_shows_its_tracks_and_each_clips_audio_on_its_frames_time(extraction, report):
+    _, page = report
+    with open_features(extraction) as features:
+        voiced = features.read(VOICED_ID, arrays=("timestamps", "has_audio"))
+        window = features.attrs["audio_window"]
+    stamps, heard = voiced["timestamps"], voiced["has_audio"]
+    assert len(stamps) == VOICED_FRAMES and not heard[stamps < AUDIO_START - 0.1].any() and heard[stamps > 0.7].all()
+    audio = tools.inspect_summary(extraction).audio
+    assert (audio.features, audio.dim, audio.with_track, audio.without_track) == ("logmel", 128, 1, 4)
+    assert (audio.codecs, audio.rates, audio.channels, audio.unread) == ({"aac": 1}, {RATE: 1}, {2: 1}, [])
+    assert audio.frames_with_audio == heard.sum(), "the other clips have no track"
+    share = 100 * heard.sum() / audio.frames
+    numbers = section(page, "Numbers", "Overview")
+    for key, value in [("audio", "logmel, 128 values a frame"),
+                       ("audio frames", f"{heard.sum()} of {audio.frames} with audio ({share:.1f}%)"),
+                       ("audio tracks", "1 clip with a track, 4 without"), ("audio codecs", "aac (1 clip)"),
+                       ("sample rates", "44100 Hz (1 clip)"), ("channels", "2 (1 clip)"), ("audio unread", "none")]:
+        assert f"<td class='key'>{key}</td><td>{value}</td>" in numbers, key
+    assert "<h4>Audio not read</h4><p>None: every track found was read whole.</p>" in numbers
+    assert AUDIO_CAPTION in page
+    row = clip_row(page, VOICED_ID)
+    assert f"audio in {heard.sum()} of 15 frames (aac, 44100 Hz, 2 channels)" in row
+    strip = audio_strip(row)
+    assert strip.shape == (64, TIMELINE_WIDTH, 3)
+    assert_the_burst_is_brightest_and_the_unheard_grey(strip, stamps, heard, window)
+    for clip_id in ("face", FACELESS_ID, JUMPING_ID, "half"):
+        row = clip_row(page, clip_id)
+        assert "· no audio track</p>" in row and (audio_strip(row) == NO_AUDIO_COLOUR).all(), clip_id
+
+
+def hearing_attrs(audio_features: str) -> dict:
+    """The attributes of a set extracted at 5 fps with `audio_features`."""
+    return extractor_attrs(**audio_settings({"audio_features": audio_features, "audio_rate": 16000,
+                                             "audio_window": None, "fps": 5.0}))
+
+
+EGEMAPS_NOTE = "undecodable audio at 2.12 s (Invalid data found when processing <input>) (and 5 more)"
+
+
+def egemaps_set(folder: Path, video: Path) -> Path:
+    """A set of the voiced clip's real eGeMAPS values (openSMILE's, as extract reads them) in three clips: as heard,
+    as if its audio from 2.1 s on were damaged, and as if it had no track."""
+    attrs = hearing_attrs("egemaps")
+    reader = TrackReader(FeatureRecipe.from_attrs(dict(attrs, context_dtype="float16")))
+    stamps = np.array([frame.timestamp for frame in sample_frames(video, 5.0, audio=reader)])
+    heard = reader.heard(list(stamps))
+    clip = clip_of(VOICED_ID, "happy", np.ones(len(stamps), bool), np.ones((len(stamps), 128), np.float32),
+                   np.ones((len(stamps), 64), np.float32))
+    clip = dataclasses.replace(clip, source_path=str(video), timestamps=stamps)
+    kept = heard.has_audio & (stamps < 2.1)
+    clips = [
+        dataclasses.replace(clip, audio=heard.audio, has_audio=heard.has_audio, audio_track=heard.track),
+        dataclasses.replace(clip, clip_id="damaged", audio=heard.audio * kept[:, None], has_audio=kept,
+                            audio_track=AudioTrack("aac", RATE, 2, EGEMAPS_NOTE)),
+        dataclasses.replace(clip, clip_id="mute", audio=np.zeros_like(heard.audio), has_audio=np.zeros_like(kept),
+                            audio_track=AudioTrack(note=NO_TRACK)),
+    ]
+    folder.mkdir()
+    with ShardWriter(folder / shard_name(0), attrs) as writer:
+        for one in clips:
+            writer.add_clip(one)
+    write_index(folder)
+    return folder
+
+
+def test_an_egemaps_set_shows_each_value_on_its_own_scale_and_the_audio_that_could_not_be_read(extraction, tmp_path):
+    video = extraction.parents[1] / "videos" / "voiced.mp4"
+    folder = egemaps_set(tmp_path / "train", video)
+    page = build_report([folder], tmp_path / "report", videos=video.parent).read_text(encoding="utf-8")
+    numbers = section(page, "Numbers", "Overview")
+    for key, value in [("audio", "egemaps, 50 values a frame"), ("audio tracks", "2 clips with a track, 1 without"),
+                       ("audio codecs", "aac (2 clips)"), ("channels", "2 (2 clips)"),
+                       ("audio unread", "1 clip (`features report` lists why)")]:
+        assert f"<td class='key'>{key}</td><td>{html.escape(value)}</td>" in numbers, key
+    assert f"<h4>Audio not read</h4><p><code>damaged</code>: {html.escape(EGEMAPS_NOTE)}</p>" in numbers
+    assert f"<p class='note'>audio: {html.escape(EGEMAPS_NOTE)}</p>" in clip_row(page, "damaged")
+    with open_features(folder) as features:
+        voiced = features.read(VOICED_ID, arrays=("timestamps", "has_audio"))
+        damaged = features.read("damaged", arrays=("has_audio",))["has_audio"]
+    strip = audio_strip(clip_row(page, VOICED_ID))
+    # Loudness, eGeMAPS' first descriptor, in the bottom rows (25 values over 64 pixels: two and a half each).
+    loudness = strip[-2:]
+    assert_the_burst_is_brightest_and_the_unheard_grey(loudness, voiced["timestamps"], voiced["has_audio"], 0.2)
+    columns = frame_columns(audio_strip(clip_row(page, "damaged")), len(damaged))
+    assert (columns[~damaged] == NO_AUDIO_COLOUR).all() and (~damaged).sum() == 3 + 4, "before the track, after 2.1 s"
+    assert "· no audio track</p>" in clip_row(page, "mute")
+
+
+def test_a_set_that_hears_no_frame_says_so(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    with ShardWriter(folder / shard_name(0), hearing_attrs("logmel")) as writer:
+        for clip_id in ("a", "b"):
+            clip = clip_of(clip_id, "sad", np.ones(4, bool), np.ones((4, 128), np.float32), np.ones((4, 64), np.float32))
+            writer.add_clip(dataclasses.replace(clip, audio=np.zeros((4, 128), np.float32),
+                                                has_audio=np.zeros(4, bool), audio_track=AudioTrack(note=NO_TRACK)))
+    write_index(folder)
+    page = build_report([folder], tmp_path / "report").read_text(encoding="utf-8")
+    assert "<p class='alert'>No frame of this set has audio" in page
+    assert "<td class='key'>audio tracks</td><td>0 clips with a track, 2 without</td>" in page
+    assert "<td class='key'>audio codecs</td><td>none</td>" in page
+    rows = page.count("<div class='clip'>")
+    assert rows >= 2 and page.count("· no audio track</p>") == rows and page.count("alt='audio'") == rows
 
 
 def test_the_planted_clips_are_among_the_clips_worth_a_look(report):
@@ -238,6 +390,10 @@ def test_a_set_without_any_face_gives_a_page_that_says_so_beside_one_with_faces(
     page = build_report(sets, out, sample_size=0).read_text(encoding="utf-8")
     assert page.count("No frame of this set has a face") == 1 and "<h3>train</h3>" in page and "<h3>val</h3>" in page
     assert "<b>no face</b>: no frame with a face (2 of 3 clips)" in page
+    # Sets made without audio: nothing of it but their recipes' attributes (audio_features none...).
+    shown = re.sub(r"<details>.*?</details>", "", page)
+    assert "audio_features</td><td>none</td>" in page
+    assert not re.search(r"audio|sample rates|channels", shown, flags=re.IGNORECASE)
     with Image.open(out / "face-rate.png") as overview:
         assert overview.width == 2 * PANEL_WIDTH * DPI, "the two sets side by side"
 
