@@ -553,7 +553,8 @@ def training_options(command):
 
 @cli.command()
 @click.option("--model", required=True, type=click.Choice([*TRAINABLE_MODELS, *ALIASES]),
-              help="face, context, concat, parallel, caca (= caca-a), caca-b or c3d (the 2D-3D-CNN).")
+              help="face, context, concat, parallel, caca (= caca-a), caca-b or c3d (the 2D-3D-CNN); on features"
+                   " extracted with audio also audio, face-audio or caca-av (caca whose second RNN hears the voice).")
 @training_options
 @click.option("--seed", type=int, default=TRAINING["seed"], show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),

@@ -48,7 +48,7 @@ from features.reader import open_features, write_index  # noqa: E402
 from features.schema import FACE_DIM, ClipFeatures, shard_name  # noqa: E402
 from features.writer import ShardWriter  # noqa: E402
 from tests.feature_files import clip_of, extractor_attrs  # noqa: E402
-from train.config import PAPER_SEEDS, MODEL_NAMES, TRAINABLE_MODELS, TrainConfig, parse_models  # noqa: E402
+from train.config import PAPER_SEEDS, MODEL_NAMES, SEEING_MODELS, TrainConfig, parse_models  # noqa: E402
 from train.models import PAPER_CONTEXT_DIM  # noqa: E402
 
 SPLITS = {"train": 4917, "val": 707}  # CHEAVD 2.0 (MEC 2017)
@@ -360,13 +360,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", type=Path, required=True,
                         help="Folder of the set: written if new or empty, reused if it holds the same set.")
-    parser.add_argument("--models", default=",".join(TRAINABLE_MODELS), help="Comma-separated models to time.")
+    parser.add_argument("--models", default=",".join(SEEING_MODELS),
+                        help="Comma-separated models to time (the set holds no voice: not those that hear).")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present).")
     parser.add_argument("--scale", type=float, default=1.0, help="Fraction of CHEAVD 2.0's clip counts.")
     parser.add_argument("--epochs", type=int, default=3, help="Epochs per model; the fastest is shown.")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
                         help="Training precision (train --precision).")
-    parser.add_argument("--jobs-model", default=FLOOR_MODEL, choices=TRAINABLE_MODELS,
+    parser.add_argument("--jobs-model", default=FLOOR_MODEL, choices=SEEING_MODELS,
                         help="The model whose memory is measured for `compare --jobs 2` against one job.")
     args = parser.parse_args()
     try:

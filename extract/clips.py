@@ -143,7 +143,8 @@ class DecodeFailed:
 Decoded = Window | ClipEnd | DecodeFailed
 
 
-def _windows(path: Path, fps: float, size: int, audio: TrackReader | None) -> Iterator[tuple[np.ndarray, list[float]]]:
+def _windows(path: Path, fps: float, size: int,
+             audio: TrackReader | None = None) -> Iterator[tuple[np.ndarray, list[float]]]:
     """The clip's sampled frames in windows of `size` frames, or fewer when they would exceed WINDOW_BYTES; its
     audio track, in the same pass, to `audio`."""
     frames, stamps = [], []

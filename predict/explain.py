@@ -87,14 +87,14 @@ def explain_clip(
     prediction: Prediction,
     classes: list[str],
     model_name: str,
-    attended_stream: str | None,
+    attention_streams: tuple[str, str] | None,
     steps_frame_index: np.ndarray,
     clip: ClipFeatures | None = None,
     audio_bands: int = 0,
 ) -> Path:
     """Write the clip's picture to `path` (a PNG); `boxes` (T, 4) are NaN where no face was found. The extracted
     `clip` gives its audio when the run's features hear (their recipe's `audio_bands`)."""
-    figure = explanation(frames, timestamps, boxes, prediction, classes, model_name, attended_stream,
+    figure = explanation(frames, timestamps, boxes, prediction, classes, model_name, attention_streams,
                          steps_frame_index, None if clip is None else Voice.of(clip, audio_bands))
     path = Path(path)
     write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
@@ -102,7 +102,8 @@ def explain_clip(
 
 
 def explanation(frames: list[Thumbnail], timestamps: np.ndarray, boxes: np.ndarray, prediction: Prediction,
-                classes: list[str], model_name: str, attended_stream: str | None, steps_frame_index: np.ndarray,
+                classes: list[str], model_name: str, attention_streams: tuple[str, str] | None,
+                steps_frame_index: np.ndarray,
                 voice: Voice | None = None) -> Figure:
     """The clip's picture, as `explain_clip` writes it."""
     rows = [frames_row_height(frames), *([AUDIO_ROW_HEIGHT] if voice is not None else []), LOWER_ROW_HEIGHT]
@@ -117,7 +118,8 @@ def explanation(frames: list[Thumbnail], timestamps: np.ndarray, boxes: np.ndarr
     if prediction.attention is None:
         draw_no_attention(attention_axes, model_name)
     else:
-        draw_attention(attention_axes, prediction.attention, np.asarray(timestamps)[steps_frame_index], attended_stream)
+        draw_attention(attention_axes, prediction.attention, np.asarray(timestamps)[steps_frame_index],
+                       *attention_streams)
     draw_probabilities(probability_axes, prediction, classes)
     return figure
 
@@ -182,9 +184,9 @@ def frame_edges(timestamps: np.ndarray) -> np.ndarray:
                            [timestamps[-1] + step / 2]])
 
 
-def draw_attention(axes, attention: np.ndarray, step_times: np.ndarray, attended: str) -> None:
-    """Rows: the second RNN's steps; columns: the first RNN's steps it attends over; both in time order."""
-    attending = "face" if attended == "context" else "context"
+def draw_attention(axes, attention: np.ndarray, step_times: np.ndarray, attended: str, attending: str) -> None:
+    """Rows: the second RNN's steps (it reads the `attending` streams); columns: the first RNN's steps (the
+    `attended` stream) it attends over; both in time order."""
     image = axes.imshow(attention, cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
     axes.figure.colorbar(image, ax=axes, label="attention weight (each row sums to 1)")
     if len(step_times) <= MAX_LABELLED_STEPS:

@@ -182,9 +182,12 @@ def classify(model: nn.Module, clip: ClipFeatures, context_dtype: str) -> tuple[
     return logits.softmax(dim=-1)[0].float().cpu().numpy(), attention
 
 
-def attended_stream(model: nn.Module) -> str | None:
-    """The stream the second RNN attends over (the first RNN's), or None for models without attention."""
-    return model.first_stream if isinstance(model, CascadeAttentionRNN) else None
+def attention_streams(model: nn.Module) -> tuple[str, str] | None:
+    """The stream the second RNN attends over (the first RNN's) and those it reads ("face and audio"), or None for
+    models without attention."""
+    if not isinstance(model, CascadeAttentionRNN):
+        return None
+    return model.first_stream, " and ".join(model.second_streams)
 
 
 def prediction_of(clip: ClipFeatures, probabilities: np.ndarray, attention, classes: list[str]) -> Prediction:
@@ -295,7 +298,7 @@ def predict_videos(
                 explain_clip(
                     pictures[clip.clip_id],
                     thumbnails(Path(clip.source_path), recipe.fps, len(clip.timestamps)),
-                    clip.timestamps, clip.box, prediction, classes, loaded.name, attended_stream(model),
+                    clip.timestamps, clip.box, prediction, classes, loaded.name, attention_streams(model),
                     step_frames(clip.has_face), clip=clip, audio_bands=recipe.audio_bands,
                 )
             except (VideoError, OSError) as exc:  # the video changed since it was read, or the disk is full

@@ -9,6 +9,10 @@ learn from which stream:
   (left->right, right->left, top->bottom, bottom->top, one cell a step, wrapping, from a
   random cell). Any one frame shows a spot at a random cell and the face vector (the maps'
   spatial mean) is the same for every class, so only a model of the maps over time learns it.
+- "voice": a set extracted with audio (`HEARING`); two bits, one in the face stream and one in
+  the audio stream, the class their combination, so a model that only sees or only hears
+  reaches at most half the clips right; context is noise. A quarter of the frames have no
+  audio (zeros, has_audio false), never a clip's first frame, which always has a face.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ import numpy as np
 from features.reader import open_features, write_index
 from features.recipe import NO_AUDIO_SETTINGS
 from extract.settings import DEFAULT_FPS
-from features.schema import FACE_MAP_SHAPE, ClipFeatures, shard_name
+from features.schema import FACE_MAP_SHAPE, AudioTrack, ClipFeatures, shard_name
 from features.writer import ShardWriter
 from features.labels import CHEAVD_CLASSES
+from train.models import DEFAULT_AUDIO_DIM
 
 
 DAMAGED_CONTEXT_DIM = 16  # the small sets that the hostile tests damage (conftest.py's `pristine`)
+# The audio settings of a set extracted with the default log-mel features (pass them to `extractor_attrs`),
+# as wide as the models that hear are built by default.
+HEARING = dict(audio_features="logmel", audio_rate=16000, audio_frame=0.025, audio_hop=0.01, audio_bands=64,
+               audio_window=0.2, audio_dim=DEFAULT_AUDIO_DIM)
+AUDIO_TRACK = AudioTrack(codec="aac", rate=44100, channels=2, note="")
 
 
 def extractor_attrs(**changes) -> dict:
@@ -92,6 +102,21 @@ def clip_of(clip_id: str, label: str, has_face: np.ndarray, face: np.ndarray, co
     )
 
 
+def with_voice(clip: ClipFeatures, audio: np.ndarray, has_audio: np.ndarray) -> ClipFeatures:
+    """The clip with its voice, for a set extracted with audio: `audio` rows zeroed where `has_audio` is
+    false, as the extractor fills them."""
+    audio = np.where(has_audio[:, None], audio, 0).astype(np.float32)
+    return dataclasses.replace(clip, audio=audio, has_audio=has_audio, audio_track=AUDIO_TRACK)
+
+
+def voiced_clip(clip: ClipFeatures, voice_code: np.ndarray, rng) -> ClipFeatures:
+    """`clip` with noise plus `voice_code` in its audio, a quarter of its frames but the first without audio."""
+    frames = len(clip.has_face)
+    has_audio = rng.random(frames) > 0.25
+    has_audio[0] = True
+    return with_voice(clip, rng.normal(0, 1, (frames, len(voice_code))) + voice_code, has_audio)
+
+
 MOTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (row, column) step per class
 # Weaker spots let c3d memorise the per-clip noise of 128 train clips instead of the motion.
 MOTION_SPOT_GAIN = 12
@@ -113,29 +138,37 @@ def write_planted_set(root: Path, signal: str, clips: dict[str, int], seed: int 
                       strength: float = 1.5) -> Path:
     """Write ROOT/SPLIT/ for each split in `clips` (split -> number of clips); returns ROOT."""
     rng = np.random.default_rng(seed)
-    face_directions = rng.normal(0, 1, (4, 128))
-    context_directions = rng.normal(0, 1, (2, context_dim))
-    face_directions *= strength / np.linalg.norm(face_directions, axis=1, keepdims=True) * np.sqrt(128) / 4
-    context_directions *= strength / np.linalg.norm(context_directions, axis=1, keepdims=True) * np.sqrt(context_dim) / 4
+    directions = {"face": rng.normal(0, 1, (4, 128)), "context": rng.normal(0, 1, (2, context_dim))}
+    hearing = HEARING if signal == "voice" else {}
+    if hearing:  # drawn only here, so that the sets of the other signals stay as they were
+        directions["audio"] = rng.normal(0, 1, (2, DEFAULT_AUDIO_DIM))
+    for vectors in directions.values():
+        vectors *= strength / np.linalg.norm(vectors, axis=1, keepdims=True) * np.sqrt(vectors.shape[1]) / 4
     for split, count in clips.items():
         folder = root / split
         folder.mkdir(parents=True)
-        with ShardWriter(folder / shard_name(0), extractor_attrs(split=split, context_dim=context_dim)) as writer:
+        attrs = extractor_attrs(split=split, context_dim=context_dim, **hearing)
+        with ShardWriter(folder / shard_name(0), attrs) as writer:
             for i in range(count):
-                if signal == "face_map_motion":
-                    spot = face_directions[0] * MOTION_SPOT_GAIN
-                    writer.add_clip(motion_clip(f"{split}/{i:04d}", i % 4, spot, rng, context_dim))
-                    continue
-                if signal == "face":
-                    label = i % 4
-                    face_code, context_code = face_directions[label], np.zeros(context_dim)
-                else:
-                    face_bit, context_bit = i % 2, (i // 2) % 2
-                    label = 2 * face_bit + context_bit
-                    face_code, context_code = face_directions[face_bit], context_directions[context_bit]
-                writer.add_clip(planted_clip(f"{split}/{i:04d}", label, face_code, context_code, rng, context_dim))
+                writer.add_clip(planted(signal, f"{split}/{i:04d}", i, directions, rng, context_dim))
         write_index(folder)
     return root
+
+
+def planted(signal: str, clip_id: str, i: int, directions: dict[str, np.ndarray], rng,
+            context_dim: int) -> ClipFeatures:
+    """Clip number `i` of a set planted with `signal` (the module notes), from each stream's class directions."""
+    if signal == "face_map_motion":
+        return motion_clip(clip_id, i % 4, directions["face"][0] * MOTION_SPOT_GAIN, rng, context_dim)
+    if signal == "face":
+        return planted_clip(clip_id, i % 4, directions["face"][i % 4], np.zeros(context_dim), rng, context_dim)
+    face_bit, other_bit = i % 2, (i // 2) % 2
+    label = 2 * face_bit + other_bit
+    if signal == "voice":
+        clip = planted_clip(clip_id, label, directions["face"][face_bit], np.zeros(context_dim), rng, context_dim)
+        return voiced_clip(clip, directions["audio"][other_bit], rng)
+    return planted_clip(clip_id, label, directions["face"][face_bit], directions["context"][other_bit], rng,
+                        context_dim)
 
 
 def read_all(folder: Path) -> dict[str, dict]:

@@ -7,15 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from features.schema import FACE_MAP_SHAPE
-from train.config import MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
+from train.config import AUDIO_MODELS, MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
 from train.data import STEP_INPUTS
 from train.loop import MixedPrecision
-from train.models import PAPER_PARAMS, MaskedBatchNorm3d, WeightedEnsemble, build_model, parameter_report
+from train.models import (
+    PAPER_PARAMS, MaskedBatchNorm3d, WeightedEnsemble, build_model, paper_parameter_count, parameter_counts,
+    parameter_report,
+)
 
 FACE_DIM = 128
 CONTEXT_DIM = 40
+AUDIO_DIM = 24
 NUM_CLASSES = 5
-CASCADES = ("caca", "caca-b")
+CASCADES = ("caca", "caca-b", "caca-av")
 
 
 def padded_batch(lengths: list[int], face_dim: int = FACE_DIM, context_dim: int = CONTEXT_DIM,
@@ -37,13 +41,21 @@ def padded_batch(lengths: list[int], face_dim: int = FACE_DIM, context_dim: int 
 
 def padded_inputs(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Every model input as `train.data.collate` names them (face, context, face_map: (B, T, 128, 4, 4),
-    mask), padded like `padded_batch`: large garbage and a NaN in every input."""
+    audio, has_audio, mask), padded like `padded_batch`: large garbage and a NaN in every input, random
+    flags in has_audio. Valid steps without audio (about a third, never a row's first) hold large garbage
+    in their audio row, which the models must never read."""
     face, context, mask = padded_batch(lengths, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     face_map = torch.randn(*mask.shape, *FACE_MAP_SHAPE, generator=generator)
     face_map[~mask] = 1e4 * torch.randn(face_map[~mask].shape, generator=generator)
     face_map[lengths.index(min(lengths)), -1, 0] = float("nan")
-    return {"face": face, "context": context, "face_map": face_map, "mask": mask}
+    audio = torch.randn(*mask.shape, AUDIO_DIM, generator=generator)
+    has_audio = torch.rand(mask.shape, generator=generator) > 0.3
+    has_audio[:, 0] = True
+    audio[~has_audio] = 1e4 * torch.randn(audio[~has_audio].shape, generator=generator)
+    audio[lengths.index(min(lengths)), -1, 0] = float("nan")
+    return {"face": face, "context": context, "face_map": face_map, "audio": audio, "has_audio": has_audio,
+            "mask": mask}
 
 
 def rows_of(inputs: dict[str, torch.Tensor], row: int, steps: int) -> dict[str, torch.Tensor]:
@@ -66,7 +78,7 @@ def streams(face: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor
 
 def model(name: str, seed: int = 0, face_dim: int = FACE_DIM, context_dim: int = CONTEXT_DIM) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(name, context_dim=context_dim, num_classes=NUM_CLASSES, face_dim=face_dim)
+    return build_model(name, context_dim=context_dim, num_classes=NUM_CLASSES, face_dim=face_dim, audio_dim=AUDIO_DIM)
 
 
 @pytest.mark.parametrize("name", TRAINABLE_MODELS)
@@ -132,18 +144,18 @@ def test_c3d_in_training_gives_the_same_logits_and_statistics_whatever_its_paddi
 def test_attention_is_zero_on_padding_and_sums_to_one_on_valid_steps(name):
     net = model(name).eval()
     lengths = [3, 7, 1, 5]
-    face, context, mask = padded_batch(lengths)
+    inputs = padded_inputs(lengths)
     with torch.no_grad():
-        logits, attention = net.forward_with_attention(streams(face, context), mask)
+        logits, attention = net.forward_with_attention(declared_inputs(net, inputs), inputs["mask"])
         assert attention.shape == (4, 7, 7)
         for row, length in enumerate(lengths):
             assert (attention[row, :, length:] == 0).all()
             assert (attention[row, length:, :] == 0).all()
             torch.testing.assert_close(attention[row, :length].sum(dim=1), torch.ones(length))
-            alone_logits, alone_attention = net.forward_with_attention(
-                streams(face[row:row + 1, :length], context[row:row + 1, :length]), mask[row:row + 1, :length])
+            alone = rows_of(inputs, row, length)
+            _, alone_attention = net.forward_with_attention(declared_inputs(net, alone), alone["mask"])
             torch.testing.assert_close(attention[row:row + 1, :length, :length], alone_attention, rtol=0, atol=1e-6)
-        torch.testing.assert_close(logits, net(streams(face, context), mask))
+        torch.testing.assert_close(logits, logits_of(net, inputs))
 
 
 def lstm_cell_by_hand(cell: torch.nn.LSTMCell, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
@@ -153,11 +165,13 @@ def lstm_cell_by_hand(cell: torch.nn.LSTMCell, x: torch.Tensor, h: torch.Tensor,
     return torch.sigmoid(output_gate) * torch.tanh(c), c
 
 
-def cascade_by_hand(net, face: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The module docstring's equations for one unpadded clip (T, dim), step by step."""
-    given = streams(face, context)
+def cascade_by_hand(net, given: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module docstring's equations for one unpadded clip (inputs (T, ...) by name), step by step."""
+    if "audio" in given:  # the audio encoder reads [audio ; has_audio], audio zeroed where has_audio is false
+        flag = given["has_audio"].float()[:, None]
+        given = dict(given, audio=torch.cat([torch.where(flag > 0, given["audio"], 0.0), flag], dim=1))
     first = net.encoders[net.first_stream](given[net.first_stream])
-    second = net.encoders[net.second_stream](given[net.second_stream])
+    second = torch.cat([net.encoders[stream](given[stream]) for stream in net.second_streams], dim=1)
     first_outputs, (h_n, c_n) = net.first_rnn(first.unsqueeze(0))
     first_outputs, h, c = first_outputs[0], h_n[-1, 0], c_n[-1, 0]
     rows = []
@@ -174,11 +188,12 @@ def cascade_by_hand(net, face: torch.Tensor, context: torch.Tensor) -> tuple[tor
 def test_cascade_follows_the_documented_equations(name):
     net = model(name, seed=3).eval()
     lengths = [6, 4]
-    face, context, mask = padded_batch(lengths, seed=3)
+    inputs = padded_inputs(lengths, seed=3)
     with torch.no_grad():
-        logits, attention = net.forward_with_attention(streams(face, context), mask)
+        logits, attention = net.forward_with_attention(declared_inputs(net, inputs), inputs["mask"])
         for row, length in enumerate(lengths):
-            expected_logits, expected_attention = cascade_by_hand(net, face[row, :length], context[row, :length])
+            clip = {name: value[row, :length] for name, value in declared_inputs(net, inputs).items()}
+            expected_logits, expected_attention = cascade_by_hand(net, clip)
             torch.testing.assert_close(logits[row], expected_logits, rtol=0, atol=1e-5)
             torch.testing.assert_close(attention[row, :length, :length], expected_attention, rtol=0, atol=1e-6)
 
@@ -203,7 +218,7 @@ def test_build_model_names_the_known_models_and_resolves_aliases():
     with pytest.raises(ValueError) as error:
         build_model("transformer", context_dim=CONTEXT_DIM, num_classes=NUM_CLASSES)
     assert "transformer" in str(error.value)
-    assert all(name in str(error.value) for name in (*MODEL_NAMES, "caca-a"))
+    assert all(name in str(error.value) for name in (*MODEL_NAMES, *AUDIO_MODELS, "caca-a"))
     caca_a = build_model("caca-a", context_dim=CONTEXT_DIM, num_classes=NUM_CLASSES)
     assert type(caca_a) is type(model("caca")) and caca_a.first_stream == "context"
 
@@ -211,13 +226,16 @@ def test_build_model_names_the_known_models_and_resolves_aliases():
 @pytest.mark.parametrize("name", TRAINABLE_MODELS)
 def test_a_model_reads_exactly_the_inputs_it_declares(name):
     net = model(name).eval()
-    declared = {"face": ("face",), "context": ("context",), SPATIOTEMPORAL: ("face_map",)}
+    declared = {"face": ("face",), "context": ("context",), SPATIOTEMPORAL: ("face_map",),
+                "audio": ("audio", "has_audio"), "face-audio": ("face", "audio", "has_audio"),
+                "caca-av": ("face", "context", "audio", "has_audio")}
     assert net.inputs == declared.get(name, ("face", "context"))
     inputs = padded_inputs([3, 2])
     with torch.no_grad():
         logits = logits_of(net, inputs)
         for name in net.inputs:
-            changed = dict(inputs, **{name: inputs[name] + 1})
+            # A frame's audio is heard or not: flipping has_audio reads the garbage of the rows without audio.
+            changed = dict(inputs, **{name: ~inputs[name] if name == "has_audio" else inputs[name] + 1})
             assert not torch.allclose(logits_of(net, changed), logits), name
             with pytest.raises(ValueError, match=rf"missing \['{name}'\], not its own \[\]"):
                 net({other: inputs[other] for other in net.inputs if other != name}, inputs["mask"])
@@ -227,7 +245,7 @@ def test_a_model_reads_exactly_the_inputs_it_declares(name):
 
 
 def test_an_ensemble_gives_each_member_its_own_inputs_and_takes_exactly_theirs():
-    members = [model("caca").eval(), model(SPATIOTEMPORAL, seed=1).eval()]
+    members = [model("caca-av").eval(), model(SPATIOTEMPORAL, seed=1).eval()]
     ensemble = WeightedEnsemble(members, [0.25, 0.75]).eval()
     assert ensemble.inputs == STEP_INPUTS
     inputs = padded_inputs([3, 2])
@@ -249,6 +267,35 @@ def test_wrong_inputs_are_refused_loudly():
         net(streams(face, context), torch.zeros_like(mask))
     with pytest.raises(ValueError, match="context"):
         net(streams(face, context[..., :-1]), mask)
+    hearing = model("face-audio")
+    inputs = declared_inputs(hearing, padded_inputs([3, 2]))
+    with pytest.raises(ValueError, match="has_audio must be bool"):
+        hearing(dict(inputs, has_audio=inputs["has_audio"].float()), mask)
+
+
+@pytest.mark.parametrize("name", AUDIO_MODELS)
+def test_a_step_without_audio_is_told_by_its_flag_and_its_row_never_counts(name):
+    net = model(name).train()
+    inputs = padded_inputs([5, 2, 7, 1])
+    silent = dict(inputs, audio=inputs["audio"].masked_fill(~inputs["has_audio"][..., None], 0.0))
+    logits = []
+    for batch in (inputs, silent):
+        torch.manual_seed(2)  # the same dropout
+        logits.append(logits_of(net, batch))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    F.cross_entropy(logits[0], torch.tensor([0, 1, 2, 3])).backward()
+    assert all(torch.isfinite(parameter.grad).all() for parameter in net.parameters())
+    # Zeros heard are not silence: the flag alone changes the result.
+    net.eval()
+    heard_zeros = dict(silent, has_audio=inputs["mask"].clone())
+    with torch.no_grad():
+        assert not torch.allclose(logits_of(net, heard_zeros), logits_of(net, silent))
+
+
+def test_the_paper_gives_no_parameter_count_for_the_models_that_hear():
+    for name in AUDIO_MODELS:
+        total, core = parameter_counts(model(name))
+        assert total > core > 0 and paper_parameter_count(name) == "not given"
 
 
 def test_parameter_report_lists_every_model_beside_the_paper():

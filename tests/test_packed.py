@@ -24,7 +24,7 @@ from features.reader import open_features, write_index
 from features.schema import shard_name
 from features.writer import ShardWriter
 from outputs import TEMP_SUFFIX
-from tests.feature_files import clip_of, extractor_attrs
+from tests.feature_files import HEARING, clip_of, extractor_attrs, with_voice
 from train.data import STEP_INPUTS, BufferPool, ClipDataset, make_loader
 from train.packed import CACHE_ENV, IN_USE_FILE, LOCK_FILE, cache_key, cached_steps, packed_in_memory, preloaded
 
@@ -33,7 +33,8 @@ CLIPS_PER_SHARD = 13
 
 
 def varied_clip(i: int, rng: np.random.Generator):
-    """Lengths 1-30, some frames without a face, every fifth clip without any, every seventh unlabelled."""
+    """Lengths 1-30, some frames without a face, every fifth clip without any, every seventh unlabelled; some
+    frames without audio, every third clip without any."""
     frames = int(rng.integers(1, 31))
     has_face = rng.random(frames) > 0.3
     if i % 5 == 0:
@@ -42,17 +43,19 @@ def varied_clip(i: int, rng: np.random.Generator):
         has_face[0] = True
     face = rng.normal(0, 1, (frames, 128)).astype(np.float32)
     context = rng.normal(0, 1, (frames, 48)).astype(np.float32)
-    clip = clip_of(f"train/{i:03d}", CHEAVD_CLASSES[i % 4], has_face, face, context)
+    has_audio = (rng.random(frames) > 0.3) & (i % 3 != 0)
+    clip = with_voice(clip_of(f"train/{i:03d}", CHEAVD_CLASSES[i % 4], has_face, face, context),
+                      rng.normal(0, 1, (frames, HEARING["audio_dim"])), has_audio)
     return dataclasses.replace(clip, label="") if i % 7 == 0 else clip
 
 
 @pytest.fixture(scope="module")
 def varied_split(tmp_path_factory) -> Path:
-    """One split of 40 clips over 4 shards, float16 context as extract stores it."""
+    """One split of 40 clips over 4 shards, extracted with audio, float16 context as extract stores it."""
     folder = tmp_path_factory.mktemp("varied") / "train"
     folder.mkdir()
     rng = np.random.default_rng(5)
-    attrs = extractor_attrs(split="train", context_dim=48)
+    attrs = extractor_attrs(split="train", context_dim=48, **HEARING)
     for first in range(0, 40, CLIPS_PER_SHARD):
         with ShardWriter(folder / shard_name(first // CLIPS_PER_SHARD), attrs) as writer:
             for i in range(first, min(first + CLIPS_PER_SHARD, 40)):
@@ -72,6 +75,12 @@ def batches(folder: Path, packed: bool, train: bool, workers: int, epochs: int =
             yield from loader
 
 
+# What each input's batches hold: as stored when gathered from packed steps, as collate makes them otherwise.
+STORED = {"face": torch.float32, "context": torch.float16, "face_map": torch.float16, "audio": torch.float32,
+          "has_audio": torch.bool}
+COLLATED = {name: torch.bool if dtype == torch.bool else torch.float32 for name, dtype in STORED.items()}
+
+
 @pytest.mark.parametrize("train, workers", [(True, 0), (False, 0), (True, 2)])
 def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train, workers):
     """Three epochs, each packed batch compared and dropped before the next is made: batches of other
@@ -85,14 +94,14 @@ def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train
         assert new["clip_id"] == old["clip_id"]
         assert torch.equal(new["mask"], old["mask"]) and torch.equal(new["label"], old["label"])
         for name in STEP_INPUTS:
-            # Stored dtypes travel (float16 context and maps); as float32 they are collate's values.
-            assert new[name].dtype == (torch.float32 if name == "face" else torch.float16), name
-            assert new[name].shape == old[name].shape and torch.equal(new[name].float(), old[name]), name
+            # Stored dtypes travel (float16 context and maps); converted, they are collate's values.
+            assert new[name].dtype == STORED[name] and old[name].dtype == COLLATED[name], name
+            assert new[name].shape == old[name].shape and torch.equal(new[name].to(old[name].dtype), old[name]), name
         starts_differ |= bool((~old["mask"][:, -1]).any())
         del new
     assert next(gathered, None) is None
     assert starts_differ  # padding was there to compare
-    assert any_unlabelled(collated) and any_faceless_step(collated)
+    assert any_unlabelled(collated) and any_faceless_step(collated) and any_step_without_audio(collated)
 
 
 def any_unlabelled(batch_list: list[dict]) -> bool:
@@ -101,6 +110,10 @@ def any_unlabelled(batch_list: list[dict]) -> bool:
 
 def any_faceless_step(batch_list: list[dict]) -> bool:
     return any(bool((batch["face"].abs().sum(dim=2) == 0).any()) for batch in batch_list)
+
+
+def any_step_without_audio(batch_list: list[dict]) -> bool:
+    return any(bool((batch["mask"] & ~batch["has_audio"]).any()) for batch in batch_list)
 
 
 def test_batch_memory_is_used_again_only_once_no_batch_or_view_of_one_holds_it(varied_split):

@@ -14,7 +14,7 @@ import torch
 from tests.cli_runs import run_cli
 from tests.feature_files import write_planted_set
 from train import loop
-from train.config import TRAINABLE_MODELS, TrainConfig
+from train.config import AUDIO_MODELS, TRAINABLE_MODELS, TrainConfig
 from train.layout import CHECKPOINT, COMPLETE_MARK, EPOCHS_FILE, LAST_STATE
 from train.loop import train_model
 from tests.conftest import QUIET
@@ -26,6 +26,12 @@ STOP_AFTER = 2  # epochs finished before the interruption
 @pytest.fixture(scope="module")
 def signal(tmp_path_factory) -> Path:
     return write_planted_set(tmp_path_factory.mktemp("resume"), "both", {"train": 96, "val": 48}, seed=3)
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory) -> Path:
+    """A set with the voice, for the models that hear."""
+    return write_planted_set(tmp_path_factory.mktemp("resume-voice"), "voice", {"train": 96, "val": 48}, seed=3)
 
 
 def config_for(signal: Path, out: Path, model: str = "caca") -> TrainConfig:
@@ -90,9 +96,10 @@ def test_an_interrupted_run_resumes_after_its_latest_epoch_bit_for_bit(signal, u
 
 
 @pytest.mark.parametrize("model", [name for name in TRAINABLE_MODELS if name != "caca"])
-def test_every_other_model_resumes_bit_for_bit(signal, tmp_path, model, monkeypatch):
+def test_every_other_model_resumes_bit_for_bit(signal, voice, tmp_path, model, monkeypatch):
     """Their own state included: c3d's batch-norm statistics, each stream's encoder."""
-    whole, cut = (config_for(signal, tmp_path / name, model) for name in ("whole", "cut"))
+    features = voice if model in AUDIO_MODELS else signal
+    whole, cut = (config_for(features, tmp_path / name, model) for name in ("whole", "cut"))
     train_model(whole, **QUIET)
     interrupted(cut, monkeypatch)
     said = []

@@ -20,19 +20,21 @@ from train.compare import run_compare
 from features.tools import inspect, merge, repack
 from train.data import STEP_INPUTS, ClipDataset, clip_steps, collate, make_loader, model_inputs
 from train.packed import in_memory_bytes, packed_in_memory, preloaded
-from train.config import TrainConfig
+from train.config import AUDIO_MODELS, TrainConfig
 from train.config import TrainError
 from train.evaluation import evaluate_run
 from train.loop import MixedPrecision, TimedLoader, class_weights, train_model
 from train.runs import load_run
 from tests.cli_runs import one_line_error, run_cli
-from tests.compare_tables import assert_spread, csv_rows, markdown_tables, percent_scores
+from tests.compare_tables import assert_table_i, markdown_tables
 from tests.feature_files import extractor_attrs, planted_clip, write_planted_set
 from tests.conftest import QUIET, quiet
 
 # Every run here is on the CPU, where training is deterministic for a seed (README, "Training").
 CPU = dict(device="cpu")
 FAST = dict(epochs=10, lr=1e-3, batch_size=16, **CPU)
+# The step inputs of a set made without audio (the planted sets here): all but the voice.
+SEEN = tuple(name for name in STEP_INPUTS if name not in ("audio", "has_audio"))
 
 
 @pytest.fixture(scope="module")
@@ -245,14 +247,8 @@ def test_compare_tables_the_runs_medians_and_ranges_and_resumes_without_training
     table = run_compare(base, models, seeds=seeds, out=tmp_path, log=lines.append)
     assert [line for line in lines if line.startswith("training ")] == [
         f"training {model}, seed {seed}" for model in models for seed in range(seeds)]
-    (markdown,) = markdown_tables(table)
-    csv_table = csv_rows(tmp_path / "table.csv")
-    assert list(markdown) == list(csv_table) == models
-    for model in models:
-        scores = [percent_scores(tmp_path / f"{model}-seed{seed}" / "metrics.json") for seed in range(seeds)]
-        for row in (markdown[model], csv_table[model]):
-            assert_spread(row[0], [map_ for map_, _ in scores])
-            assert_spread(row[1], [accuracy for _, accuracy in scores])
+    assert table == tmp_path / "table.md" and len(markdown_tables(table)) == 1  # Table I alone
+    assert_table_i(tmp_path, models, seeds, context_dim=64)
     assert (tmp_path / "parameters.txt").read_text().count("M") > 6
 
     first_table = table.read_text()
@@ -383,15 +379,15 @@ def test_training_needs_labelled_splits(both_signal, tmp_path):
 def test_preloading_maps_the_steps_cache_unless_told_never(both_signal):
     with open_features(both_signal / "train") as features:
         for choice in ("auto", "always"):
-            steps = preloaded(features, choice, STEP_INPUTS, "train", log=print)
-            assert steps.folder is not None and set(steps.arrays) == set(STEP_INPUTS)
+            steps = preloaded(features, choice, SEEN, "train", log=print)
+            assert steps.folder is not None and set(steps.arrays) == set(SEEN)
         assert preloaded(features, "never", ("face",), "train", log=print) is None
         assert in_memory_bytes(features, ("face", "context")) == features.n_frames * (128 * 4 + 64 * 2)
         assert in_memory_bytes(features, ("face",)) == features.n_frames * 128 * 4
         assert in_memory_bytes(features, ("face_map",)) == features.n_frames * 128 * 4 * 4 * 2
 
 
-@pytest.mark.parametrize("model", ["face", "context", "caca", "c3d"])
+@pytest.mark.parametrize("model", ["face", "context", "caca", "c3d", "audio", "caca-av"])
 def test_a_model_trains_on_only_the_arrays_it_reads(both_signal, tmp_path, monkeypatch, model):
     read = set()
     original = FeatureSet.read
@@ -401,9 +397,13 @@ def test_a_model_trains_on_only_the_arrays_it_reads(both_signal, tmp_path, monke
         return original(self, clip_id, arrays)
 
     monkeypatch.setattr(FeatureSet, "read", recording)
-    config = TrainConfig(model=model, features=both_signal, out=tmp_path / "run", preload="never", epochs=1, **CPU)
+    hears = model in AUDIO_MODELS
+    features = write_planted_set(tmp_path / "voice", "voice", {"train": 16, "val": 8}) if hears else both_signal
+    config = TrainConfig(model=model, features=features, out=tmp_path / "run", preload="never", epochs=1, **CPU)
     train_model(config, **QUIET)
-    assert read == {"has_face", *{"face": ["face"], "context": ["context"], "c3d": ["face_map"]}.get(model, ["face", "context"])}
+    reads = {"face": ["face"], "context": ["context"], "c3d": ["face_map"], "audio": ["audio", "has_audio"],
+             "caca-av": ["face", "context", "audio", "has_audio"]}
+    assert read == {"has_face", *reads.get(model, ["face", "context"])}
 
 
 def test_gzip_and_uncompressed_shards_give_identical_batches(both_signal, tmp_path):
@@ -411,7 +411,7 @@ def test_gzip_and_uncompressed_shards_give_identical_batches(both_signal, tmp_pa
     batches = {}
     for name, folder in (("gzip", both_signal / "train"), ("none", tmp_path / "train")):
         with open_features(folder) as features:
-            dataset = ClipDataset(features, list(features.attrs["classes"]), train=True, inputs=STEP_INPUTS)
+            dataset = ClipDataset(features, list(features.attrs["classes"]), train=True, inputs=SEEN)
             assert dataset.arrays == ("has_face", "face", "context", "face_map")
             torch.manual_seed(0)  # each clip's random start (training augmentation) is drawn from it
             batches[name] = list(make_loader(dataset, batch_size=16, num_workers=0, seed=3, shuffle=True))

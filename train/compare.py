@@ -3,7 +3,9 @@
 Runs live in OUT/MODEL-seedS/ and are ordinary training runs; a run whose metrics.json
 exists is finished and reused, so an interrupted comparison resumes where it stopped.
 The table (OUT/table.md and OUT/table.csv) gives, per model, the median mAP and accuracy
-over seeds with their min-max, our parameter count and the paper's values.
+over seeds with their min-max, our parameter count and the paper's values. With models that
+hear among them, the MEC 2017 organisers' baselines follow as reference rows (their test-set
+figures, in a column of their own: not this paper's, and not trained here).
 
 With both `caca` and `c3d` compared, the paper's Table II follows (OUT/table-ii.csv): per
 seed, the ensemble of caca-seedS and c3d-seedS fitted on the validation split
@@ -28,14 +30,14 @@ from tqdm import tqdm
 
 from outputs import claim_folder, is_temporary, write_atomically
 from train.config import (
-    DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TRAINABLE_MODELS, TrainConfig, TrainError,
+    AUDIO_MODELS, DEFAULT_COMPARE, DEFAULT_TEST_SPLIT, SPATIOTEMPORAL, TRAINABLE_MODELS, TrainConfig, TrainError,
 )
-from train.data import open_split
+from train.data import check_inputs_held, open_split
 from train.ensemble import fit_ensemble
 from train.evaluation import evaluate_run
 from train.layout import COMPLETE_MARK, run_name, run_name_pattern
 from train.loop import stored_differences, train_model
-from train.models import build_model, paper_parameter_count, parameter_counts, parameter_report
+from train.models import build_model, feature_dims, paper_parameter_count, parameter_counts, parameter_report
 from train.runs import ENSEMBLE_MODEL, read_metrics
 
 # Table I: validation mAP and accuracy (%) on MEC 2017, median of five seeds.
@@ -58,6 +60,13 @@ PAPER_TABLE_II = {
 }
 ENSEMBLED = ("caca", SPATIOTEMPORAL)
 NOT_IN_PAPER = "-"
+# The MEC 2017 organisers' SVM baselines, macro average precision (%) on the challenge's test set per
+# sub-challenge (Li et al., "MEC 2017: Multimodal Emotion Recognition Challenge", ACII Asia 2018; the
+# paper cites the video one). Reference rows of Table I beside the models that hear.
+MEC_BASELINES = {"audio": 39.2, "video": 21.7, "audio-visual": 35.7}
+BASELINE_ROW = "MEC 2017 {} baseline (organisers' SVM)"
+BASELINE_COLUMN = "MEC 2017 baseline test mAP %"
+NOT_TRAINED = "not trained here"
 TABLE_FILES = ("table.md", "table.csv", "table-ii.csv", "parameters.txt")
 RUN_FOLDER = run_name_pattern((*TRAINABLE_MODELS, ENSEMBLE_MODEL))
 
@@ -82,6 +91,7 @@ def run_compare(
     otherwise is refused (it would make the table mix settings), or retrained with `overwrite`.
     """
     claim_folder(out, "compare", overwrite, writes_into_comparison)
+    check_features_fit(base, models)
     configs = [
         dataclasses.replace(base, model=model, seed=seed, out=out / run_name(model, seed))
         for model in models
@@ -107,6 +117,16 @@ def run_compare(
     table = out / "table.md"
     write_atomically(table, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return table
+
+
+def check_features_fit(base: TrainConfig, models: list[str]) -> None:
+    """TrainError before any training when a model reads what the features lack (the voice, in sets without audio)."""
+    with open_split(base.features, base.train_split) as features:
+        attrs = features.attrs
+    for model in models:
+        with torch.device("meta"):  # only its inputs are wanted: nothing allocated
+            inputs = build_model(model, num_classes=len(attrs["classes"]), **feature_dims(attrs)).inputs
+        check_inputs_held(attrs, inputs, model, Path(base.features) / base.train_split)
 
 
 def finished_as(config: TrainConfig, overwrite: bool) -> bool:
@@ -146,25 +166,42 @@ def _spread(values: list[float]) -> str:
 def table_i(base: TrainConfig, models: list[str], seeds: int, out: Path) -> list[str]:
     """Table I's lines for table.md (writing table.csv and parameters.txt beside it)."""
     with open_split(base.features, base.train_split) as features:
-        context_dim, classes = int(features.attrs["context_dim"]), len(features.attrs["classes"])
+        dims, classes = feature_dims(features.attrs), len(features.attrs["classes"])
     header = ["model", "val mAP % median (min-max)", "val acc % median (min-max)", "params",
               "paper mAP %", "paper acc %", "paper params"]
     rows = []
     for model in models:
         scores = [_run_scores(out / run_name(model, seed)) for seed in range(seeds)]
-        total, _ = parameter_counts(build_model(model, context_dim, classes))
+        total, _ = parameter_counts(build_model(model, num_classes=classes, **dims))
         paper = [f"{value:.2f}" for value in PAPER_TABLE_I[model]] if model in PAPER_TABLE_I else [NOT_IN_PAPER] * 2
         rows.append([model, _spread([s[0] for s in scores]), _spread([s[1] for s in scores]),
                      f"{total / 1e6:.2f}M", *paper, paper_parameter_count(model)])
+    note = ""
+    if any(model in AUDIO_MODELS for model in models):
+        header, note = [*header, BASELINE_COLUMN], BASELINES_NOTE
+        rows = [*([*row, NOT_IN_PAPER] for row in rows), *baseline_rows()]
     lines = [
         f"Validation split '{base.val_split}', {seeds} seed(s) per model, features {base.features}"
-        f" (context_dim {context_dim}). The paper's figures are its Table I (MEC 2017 validation set);"
-        " parameters.txt beside this table says how our parameter counts differ from the paper's.",
+        f" (context_dim {dims['context_dim']}). The paper's figures are its Table I (MEC 2017 validation set);"
+        f" parameters.txt beside this table says how our parameter counts differ from the paper's.{note}",
         *_table(out / "table.csv", header, rows),
     ]
-    report = parameter_report(context_dim, classes) + "\n"
+    report = parameter_report(dims["context_dim"], classes) + "\n"
     write_atomically(out / "parameters.txt", lambda tmp: tmp.write_text(report))
     return lines
+
+
+BASELINES_NOTE = (
+    f" The rows '{BASELINE_ROW.format('...')}' are the challenge organisers' SVM baselines, macro average"
+    " precision on the MEC 2017 test set (Li et al., \"MEC 2017: Multimodal Emotion Recognition Challenge\","
+    " ACII Asia 2018): references beside the models that hear, not this paper's figures, and not trained here."
+)
+
+
+def baseline_rows() -> list[list[str]]:
+    """Table I's reference rows: the MEC 2017 baselines, with no figure but their test mAP."""
+    return [[BASELINE_ROW.format(modality), NOT_TRAINED, NOT_TRAINED, *[NOT_IN_PAPER] * 4, f"{value:.2f}"]
+            for modality, value in MEC_BASELINES.items()]
 
 
 def ensemble_folder(out: Path, seed: int) -> Path:

@@ -13,7 +13,9 @@ half of its steps (so at least half of it remains); in evaluation it starts at t
 Each model declares the per-frame inputs it reads (`model.inputs`, a subset of
 `STEP_INPUTS`), and only those are read from the shards, with `has_face` to choose the steps:
 Face-RNN never reads the context features, `c3d` reads only the face maps (128x4x4 per
-frame, 8x the memory of the face features). Every input follows the same steps.
+frame, 8x the memory of the face features), the models that hear the voice (`audio`, with
+`has_audio`, held only by sets extracted with audio). Every input follows the same steps: a
+clip's voice is heard on its frames with a face, as its context is seen there.
 
 Preloaded splits (train/packed.py) hold every clip's steps in one array per input; their
 batches are gathered whole and equal, bit for bit, the batches `collate` makes of the same
@@ -36,7 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from features.reader import FeatureSet, open_features
-from features.schema import comparable
+from features.recipe import AUDIO_SETTINGS, attr_differences, with_setting_defaults
+from features.schema import COMPARABILITY_KEYS, comparable, hears, shard_frame_arrays
 from outputs import check_plain_name
 from train.config import UNLABELLED, TrainError
 
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
 # The per-frame arrays (shard datasets) a model can take as steps, by name: `model(inputs, mask)`
 # with `inputs` the arrays of `model.inputs`, listed in this order. The rest of a clip (boxes,
 # landmarks, timestamps, scores) is never read in training, which saves a read per array and clip.
-STEP_INPUTS = ("face", "context", "face_map")
+STEP_INPUTS = ("face", "context", "face_map", "audio", "has_audio")
 
 
 def open_split(root: Path, split: str) -> FeatureSet:
@@ -60,8 +63,39 @@ def open_split(root: Path, split: str) -> FeatureSet:
 def check_comparable(reference: dict, other: dict, what: str) -> None:
     """TrainError naming `what` when features of the attributes `other` cannot be mixed with `reference`'s."""
     differences = comparable(reference, other)
+    if differences and hears(reference) != hears(other):
+        raise TrainError(audio_mismatch(reference, other, what))
     if differences:
         raise TrainError(f"{what} were made with other settings ({'; '.join(differences)})")
+
+
+def audio_mismatch(reference: dict, other: dict, what: str) -> str:
+    """Why features of the attributes `other`, made without audio where `reference`'s were made with it (or the
+    reverse), are refused, and what to do."""
+    # Every audio setting differs then: audio_features alone says so, and it is the option to extract with.
+    keys = tuple(key for key in COMPARABILITY_KEYS if key not in AUDIO_SETTINGS)
+    shown = "; ".join(attr_differences(reference, other, keys))
+    kind = with_setting_defaults(reference)["audio_features"]
+    if not hears(reference):
+        return (f"{what} were made with audio, unlike those they must match ({shown}): extract them with"
+                f" --audio-features {kind}")
+    return (f"{what} were made without audio, unlike those they must match ({shown}): extract them with"
+            f" --audio-features {kind} or add it (features add-audio --audio-features {kind})")
+
+
+def missing_inputs(attrs: dict, inputs: tuple[str, ...]) -> list[str]:
+    """Those of `inputs` that features of these attributes do not hold: the voice, in sets made without audio."""
+    held = shard_frame_arrays(attrs)
+    return [name for name in inputs if name not in held]
+
+
+def check_inputs_held(attrs: dict, inputs: tuple[str, ...], model: str, folder: Path) -> None:
+    """TrainError when the features in `folder` lack an input that `model` reads."""
+    missing = missing_inputs(attrs, inputs)
+    if missing:
+        raise TrainError(f"model {model} hears the voice ({', '.join(missing)}), but the features in {folder} were"
+                         " made without audio: extract them with audio (extract --audio-features) or add it"
+                         f" (python cli.py features add-audio {folder} --out NEW_FOLDER)")
 
 
 def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
@@ -73,7 +107,7 @@ def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
 @dataclass
 class ClipSteps:
     clip_id: str
-    inputs: dict[str, np.ndarray]  # name in STEP_INPUTS -> (T, ...) rows: face float32, context and face_map as stored
+    inputs: dict[str, np.ndarray]  # name in STEP_INPUTS -> (T, ...) rows as stored (has_audio bool)
     label: int  # index into the classes, UNLABELLED for a clip without label
 
     def __len__(self) -> int:
@@ -107,6 +141,9 @@ class ClipDataset(Dataset):
         unknown = [name for name in inputs if name not in STEP_INPUTS]
         if not inputs or unknown:
             raise ValueError(f"inputs must be some of {STEP_INPUTS}, got {inputs}")
+        lacking = missing_inputs(features.attrs, inputs)
+        if lacking:  # callers refuse such features first (check_inputs_held), naming them
+            raise ValueError(f"these features do not hold {lacking}")
         if steps is not None and any(name not in steps.arrays for name in inputs):
             raise ValueError(f"the packed steps hold {tuple(steps.arrays)}, not all of {inputs}")
         self.features = features
@@ -228,7 +265,7 @@ class BufferPool:
 
 
 FREE_REFERENCES = 2
-TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16, np.dtype(bool): torch.bool}
 
 
 def batch_of(inputs: dict[str, torch.Tensor], lengths: torch.Tensor, labels: list[int], clip_ids: list[str]) -> dict:
@@ -239,8 +276,8 @@ def batch_of(inputs: dict[str, torch.Tensor], lengths: torch.Tensor, labels: lis
 
 
 def collate(items: list[ClipSteps] | dict) -> dict:
-    """Left-aligned padding to the longest clip, one float32 tensor per input the items have (a
-    batch already gathered from packed steps passes through)."""
+    """Left-aligned padding to the longest clip, one float32 tensor per input the items have, bool for
+    flags (has_audio); a batch already gathered from packed steps passes through."""
     if isinstance(items, dict):
         return items
     lengths = torch.tensor([len(item) for item in items])
@@ -250,12 +287,13 @@ def collate(items: list[ClipSteps] | dict) -> dict:
 
 
 def padded(arrays: list[np.ndarray], steps: int) -> torch.Tensor:
-    """float32 (clips, steps, ...): each clip's rows first, zeros after.
+    """(clips, steps, ...): each clip's rows first, zeros (False) after; float32, or bool for bool rows.
 
     Assigning float16 rows into the float32 array converts them in the copy itself; a
     separate astype would be one more pass over the batch's largest array.
     """
-    out = np.zeros((len(arrays), steps, *arrays[0].shape[1:]), np.float32)
+    dtype = bool if arrays[0].dtype == bool else np.float32
+    out = np.zeros((len(arrays), steps, *arrays[0].shape[1:]), dtype)
     for row, array in enumerate(arrays):
         out[row, : len(array)] = array
     return torch.from_numpy(out)

@@ -24,13 +24,13 @@ from tqdm import tqdm
 from devices import autocast, checked_precision, resolve_device
 from outputs import check_output_folder, is_temporary, read_json_object, write_json
 from train.config import UNLABELLED, TrainConfig, TrainError
-from train.data import ClipDataset, check_comparable, make_loader, model_inputs, open_split
+from train.data import ClipDataset, check_comparable, check_inputs_held, make_loader, model_inputs, open_split
 from train.evaluation import labelled_metrics, predict
 from train.layout import (
     CHECKPOINT, COMPLETE_MARK, CONFIG_FILE, EPOCHS_FILE, EVAL_PREFIX, FEATURES_FILE, LAST_STATE, RUN_FILES,
 )
 from train.metrics import Metrics
-from train.models import build_model, paper_parameter_count, parameter_counts
+from train.models import build_model, feature_dims, paper_parameter_count, parameter_counts
 from train.packed import preloaded
 from train.resume import Progress, read_state, restore, save_state
 from train.runs import Checkpoint
@@ -175,7 +175,8 @@ def train_model(config: TrainConfig, progress: bool = True, log: Callable[[str],
     train_set, val_set = open_split(config.features, config.train_split), open_split(config.features, config.val_split)
     check_comparable(train_set.attrs, val_set.attrs, f"the {config.val_split} features")
     classes = list(train_set.attrs["classes"])
-    model = build_model(config.model, context_dim=int(train_set.attrs["context_dim"]), num_classes=len(classes))
+    model = build_model(config.model, num_classes=len(classes), **feature_dims(train_set.attrs))
+    check_inputs_held(train_set.attrs, model.inputs, config.model, Path(config.features) / config.train_split)
     pin = device.type == "cuda" and config.num_workers == 0
     train_data = ClipDataset(train_set, classes, train=True, inputs=model.inputs, pin_memory=pin)
     if all(label == UNLABELLED for label in train_data.labels):

@@ -1,17 +1,19 @@
-"""Stage 2's models: the paper's six RNNs over per-frame face and context features, and its
-2D-3D-CNN (`c3d`, section VI) over the per-frame face maps.
+"""Stage 2's models: the paper's six RNNs over per-frame face and context features, its
+2D-3D-CNN (`c3d`, section VI) over the per-frame face maps, and three RNNs that also hear the
+voice (`audio`, `face-audio`, `caca-av`; not the paper's).
 
 Every model is called as `model(inputs, mask)`: `inputs` maps exactly the names in
 `model.inputs` (some of `train.data.STEP_INPUTS`; Face-RNN: face; the fusion models: face and
-context; `c3d`: face_map) to their steps, `face` (B, T, face_dim), `context` (B, T, context_dim),
-`face_map` (B, T, 128, 4, 4); `mask` (B, T) bool is True on each row's valid steps, which come
-first (left-aligned), at least one per row. Inputs a model does not declare are not read from
-the shards, and given to it they are refused (a caller's bug). The CACA models also give their
-attention, through `forward_with_attention`. For the RNNs, padding never reaches a result:
-LSTMs run on packed sequences, the cascade's step loop keeps each row's output from its last
-valid step on, attention gives padded steps weight 0, and the encoders compute valid steps
-only, leaving zeros on padding (so a padded input, whatever it holds, never reaches a result
-or a gradient).
+context; `c3d`: face_map; the models that hear: audio and has_audio besides their others) to
+their steps, `face` (B, T, face_dim), `context` (B, T, context_dim), `face_map` (B, T, 128, 4,
+4), `audio` (B, T, audio_dim), `has_audio` (B, T) bool; `mask` (B, T) bool is True on each
+row's valid steps, which come first (left-aligned), at least one per row. Inputs a model does
+not declare are not read from the shards, and given to it they are refused (a caller's bug).
+The CACA models also give their attention, through `forward_with_attention`. For the RNNs,
+padding never reaches a result: LSTMs run on packed sequences, the cascade's step loop keeps
+each row's output from its last valid step on, attention gives padded steps weight 0, and the
+encoders compute valid steps only, leaving zeros on padding (so a padded input, whatever it
+holds, never reaches a result or a gradient).
 
 How this code reads the paper (Sun et al., MEC 2017, sections III-D, IV, V-C), written
 here once:
@@ -54,6 +56,18 @@ here once:
   last step through the convolution's own padding, so a batched clip must meet the same
   zeros), BatchNorm's training statistics are taken over valid steps only, and the pooling
   averages valid steps only. The paper gives no parameter count for it.
+- The voice (the models that hear; the paper has none, its MEC 2017 entry being video only,
+  nor a parameter count for them). The audio stream's encoder reads [audio_t ; has_audio_t]:
+  Linear(audio_dim + 1, 128), ReLU, dropout 0.5, with audio_t zeroed where has_audio_t is
+  false, so that a step without audio is told by its flag, never by values that could be a
+  quiet voice, and whatever its row holds never reaches a result. Its steps are those of every
+  other input (train/data.py's policy: the frames with a face).
+- Audio-RNN (`audio`): the audio stream alone, as Face-RNN reads faces (two-layer LSTM of 256).
+- Face-audio RNN (`face-audio`): Concatenated-RNN over face and audio, [encoded face ; encoded
+  audio] per step into a two-layer LSTM of 256.
+- CACA-RNN AV (`caca-av`): CACA-RNN A whose second RNN reads what the person shows and says:
+  its input at step i is [encoded face_i ; encoded audio_i ; c_i] (384-d), c_i attending over
+  the context RNN's states as above; everything else as CACA-RNN A.
 """
 
 from __future__ import annotations
@@ -62,13 +76,20 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from features.recipe import with_setting_defaults
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
 from train.config import ALIASES, MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
 from train.data import STEP_INPUTS
 
-STREAMS = ("face", "context")
+STREAMS = ("face", "context")  # the paper's
+AUDIO = "audio"
+HAS_AUDIO = "has_audio"  # the audio stream's flag, read with it by its encoder
+# The voice's width where a caller gives none: mean and std of 64 log-mel bands, the extractor's
+# default (extract.clips.audio_settings). Callers that know the features pass `feature_dims`.
+DEFAULT_AUDIO_DIM = 128
 
-# Table I of the paper; the sizes below are from its sections V-C and V-D. It gives no count for c3d.
+# Table I of the paper; the sizes below are from its sections V-C and V-D. It gives no count for
+# c3d, nor for the models that hear (it has none).
 PAPER_PARAMS = {
     "face": 1.58e6, "context": 1.19e6, "parallel": 0.86e6, "concat": 1.38e6, "caca": 0.79e6, "caca-b": 0.79e6,
 }
@@ -135,6 +156,21 @@ def stream_encoder(input_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(input_dim, ENCODED_DIM), nn.ReLU(), nn.Dropout(ENCODER_DROPOUT))
 
 
+def encoder_width(stream: str, dim: int) -> int:
+    """What a stream's encoder reads per step: its features, and the audio stream its flag too."""
+    return dim + 1 if stream == AUDIO else dim
+
+
+def heard(audio: torch.Tensor, has_audio: torch.Tensor) -> torch.Tensor:
+    """The audio stream as its encoder reads it, [audio ; has_audio] per step, audio zeroed where has_audio is false."""
+    if has_audio.dtype != torch.bool or has_audio.shape != audio.shape[:2]:
+        raise ValueError(f"has_audio must be bool {tuple(audio.shape[:2])} like audio, got {has_audio.dtype}"
+                         f" {tuple(has_audio.shape)}")
+    flag = has_audio.unsqueeze(2)
+    # Filled, not multiplied by the flag: a NaN or inf in a row without audio would survive a product.
+    return torch.cat([audio.masked_fill(~flag, 0.0), flag.to(audio.dtype)], dim=2)
+
+
 def encoded_steps(encoder: nn.Sequential, steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`encoder` over a stream's valid steps only, (B, T, 128) with zeros on padding.
 
@@ -158,20 +194,25 @@ def attention_weights(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tenso
 
 
 class EmotionRNN(nn.Module):
-    """What all six share: the input checks, the zeroed padding and one encoder per stream used."""
+    """What all the RNNs share: the input checks, the zeroed padding and one encoder per stream used.
 
-    def __init__(self, streams: tuple[str, ...], face_dim: int, context_dim: int):
+    `streams` are some of face, context and audio; `dims` has each one's stored width.
+    """
+
+    def __init__(self, streams: tuple[str, ...], dims: dict[str, int]):
         super().__init__()
-        self.inputs = streams
-        dims = {"face": face_dim, "context": context_dim}
-        self.dims = {stream: dims[stream] for stream in streams}
-        self.encoders = nn.ModuleDict({stream: stream_encoder(dim) for stream, dim in self.dims.items()})
+        read = {*streams, *([HAS_AUDIO] if AUDIO in streams else [])}
+        self.inputs = tuple(name for name in STEP_INPUTS if name in read)
+        self.dims = {stream: dims[stream] for stream in self.inputs if stream in streams}
+        self.encoders = nn.ModuleDict({stream: stream_encoder(encoder_width(stream, dim))
+                                       for stream, dim in self.dims.items()})
 
     def encode(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The encoded streams this model uses, by name, and the rows' lengths."""
         check_input_names(self, inputs)
         lengths = checked_lengths(mask, inputs, self.dims)
-        encoded = {stream: encoded_steps(encoder, inputs[stream], mask) for stream, encoder in self.encoders.items()}
+        steps = {**inputs, AUDIO: heard(inputs[AUDIO], inputs[HAS_AUDIO])} if AUDIO in self.dims else inputs
+        encoded = {stream: encoded_steps(encoder, steps[stream], mask) for stream, encoder in self.encoders.items()}
         return encoded, lengths
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -183,10 +224,10 @@ class EmotionRNN(nn.Module):
 
 
 class SingleStreamRNN(EmotionRNN):
-    """Face-RNN or Context-RNN."""
+    """Face-RNN, Context-RNN or Audio-RNN."""
 
-    def __init__(self, stream: str, face_dim: int, context_dim: int, num_classes: int):
-        super().__init__((stream,), face_dim, context_dim)
+    def __init__(self, stream: str, dims: dict[str, int], num_classes: int):
+        super().__init__((stream,), dims)
         self.stream = stream
         self.rnn = two_layer_lstm(ENCODED_DIM, SINGLE_LSTM_HIDDEN)
         self.classifier = nn.Linear(SINGLE_LSTM_HIDDEN, num_classes)
@@ -197,20 +238,23 @@ class SingleStreamRNN(EmotionRNN):
 
 
 class ConcatenatedRNN(EmotionRNN):
-    def __init__(self, face_dim: int, context_dim: int, num_classes: int):
-        super().__init__(STREAMS, face_dim, context_dim)
-        self.rnn = two_layer_lstm(len(STREAMS) * ENCODED_DIM, SINGLE_LSTM_HIDDEN)
+    """Concatenated-RNN over `streams` (the paper's: face and context)."""
+
+    def __init__(self, streams: tuple[str, ...], dims: dict[str, int], num_classes: int):
+        super().__init__(streams, dims)
+        self.streams = streams
+        self.rnn = two_layer_lstm(len(streams) * ENCODED_DIM, SINGLE_LSTM_HIDDEN)
         self.classifier = nn.Linear(SINGLE_LSTM_HIDDEN, num_classes)
 
     def classify(self, encoded: dict, lengths: torch.Tensor) -> torch.Tensor:
-        steps = torch.cat([encoded[stream] for stream in STREAMS], dim=2)
+        steps = torch.cat([encoded[stream] for stream in self.streams], dim=2)
         _, last, _ = run_lstm(self.rnn, steps, lengths)
         return self.classifier(last)
 
 
 class ParallelRNN(EmotionRNN):
-    def __init__(self, face_dim: int, context_dim: int, num_classes: int):
-        super().__init__(STREAMS, face_dim, context_dim)
+    def __init__(self, dims: dict[str, int], num_classes: int):
+        super().__init__(STREAMS, dims)
         self.rnns = nn.ModuleDict({stream: two_layer_lstm(ENCODED_DIM, PARALLEL_LSTM_HIDDEN) for stream in STREAMS})
         self.classifier = nn.Linear(len(STREAMS) * PARALLEL_LSTM_HIDDEN, num_classes)
 
@@ -220,14 +264,14 @@ class ParallelRNN(EmotionRNN):
 
 
 class CascadeAttentionRNN(EmotionRNN):
-    """CACA-RNN: `first_stream` feeds the first RNN, the other stream the attending second RNN."""
+    """CACA-RNN: `first_stream` feeds the first RNN; `second_streams`, concatenated per step, the attending second."""
 
-    def __init__(self, first_stream: str, face_dim: int, context_dim: int, num_classes: int):
-        super().__init__(STREAMS, face_dim, context_dim)
+    def __init__(self, first_stream: str, second_streams: tuple[str, ...], dims: dict[str, int], num_classes: int):
+        super().__init__((first_stream, *second_streams), dims)
         self.first_stream = first_stream
-        (self.second_stream,) = (stream for stream in STREAMS if stream != first_stream)
+        self.second_streams = second_streams
         self.first_rnn = two_layer_lstm(ENCODED_DIM, CASCADE_HIDDEN)
-        self.second_rnn = nn.LSTMCell(ENCODED_DIM + CASCADE_HIDDEN, CASCADE_HIDDEN)
+        self.second_rnn = nn.LSTMCell(len(second_streams) * ENCODED_DIM + CASCADE_HIDDEN, CASCADE_HIDDEN)
         self.classifier = nn.Linear(CASCADE_HIDDEN, num_classes)
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -241,7 +285,7 @@ class CascadeAttentionRNN(EmotionRNN):
 
     def cascade(self, encoded: dict, mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first_outputs, h, c = run_lstm(self.first_rnn, encoded[self.first_stream], lengths)
-        second_steps = encoded[self.second_stream]
+        second_steps = torch.cat([encoded[stream] for stream in self.second_streams], dim=2)
         attention_rows = []
         for step in range(second_steps.shape[1]):
             weights = attention_weights(h, first_outputs, mask)
@@ -328,20 +372,29 @@ class WeightedEnsemble(nn.Module):
         return torch.log(sum(w * p for w, p in zip(self.weights, probabilities)))
 
 
-def build_model(name: str, context_dim: int, num_classes: int, face_dim: int = FACE_DIM) -> nn.Module:
+# The models that concatenate streams per step, and the cascades' first stream and second streams.
+CONCATENATED = {"concat": STREAMS, "face-audio": ("face", AUDIO)}
+CASCADES = {"caca": ("context", ("face",)), "caca-b": ("face", ("context",)), "caca-av": ("context", ("face", AUDIO))}
+
+
+def feature_dims(attrs: dict) -> dict[str, int]:
+    """`build_model`'s context_dim and audio_dim for features of these attributes (audio_dim 0 without audio)."""
+    return {"context_dim": int(attrs["context_dim"]), "audio_dim": int(with_setting_defaults(attrs)["audio_dim"])}
+
+
+def build_model(name: str, context_dim: int, num_classes: int, face_dim: int = FACE_DIM,
+                audio_dim: int = DEFAULT_AUDIO_DIM) -> nn.Module:
     """One of `TRAINABLE_MODELS` (or an alias in `ALIASES`), untrained."""
     name = ALIASES.get(name, name)
-    dims = {"face_dim": face_dim, "context_dim": context_dim, "num_classes": num_classes}
-    if name in STREAMS:
-        return SingleStreamRNN(name, **dims)
-    if name == "concat":
-        return ConcatenatedRNN(**dims)
+    dims = {"face": face_dim, "context": context_dim, AUDIO: audio_dim}
+    if name in dims:
+        return SingleStreamRNN(name, dims, num_classes)
+    if name in CONCATENATED:
+        return ConcatenatedRNN(CONCATENATED[name], dims, num_classes)
     if name == "parallel":
-        return ParallelRNN(**dims)
-    if name == "caca":
-        return CascadeAttentionRNN("context", **dims)
-    if name == "caca-b":
-        return CascadeAttentionRNN("face", **dims)
+        return ParallelRNN(dims, num_classes)
+    if name in CASCADES:
+        return CascadeAttentionRNN(*CASCADES[name], dims, num_classes)
     if name == SPATIOTEMPORAL:
         return SpatiotemporalCNN(num_classes)
     known = ", ".join([*TRAINABLE_MODELS, *(f"{alias} (= {target})" for alias, target in ALIASES.items())])
@@ -349,7 +402,8 @@ def build_model(name: str, context_dim: int, num_classes: int, face_dim: int = F
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters outside the stream encoders); `c3d` has no stream encoders."""
+    """(all parameters, parameters outside the stream encoders); `c3d` has no stream encoders. Any model,
+    the paper's or not (`paper_parameter_count` says NOT_GIVEN for those it does not count)."""
     total = sum(p.numel() for p in model.parameters())
     encoders = sum(p.numel() for p in model.encoders.parameters()) if isinstance(model, EmotionRNN) else 0
     return total, total - encoders

@@ -29,7 +29,7 @@ from train.config import TrainConfig, TrainError
 from train.data import check_comparable
 from train.layout import CHECKPOINT, COMPLETE_MARK, ENSEMBLE_FILE
 from train.metrics import Metrics
-from train.models import WeightedEnsemble, build_model
+from train.models import WeightedEnsemble, build_model, feature_dims
 from values import are_distinct_names, is_int, is_number
 
 ENSEMBLE_MODEL = "ensemble"
@@ -218,27 +218,29 @@ def load_run(folder: Path, device: torch.device) -> LoadedRun:
         return load_ensemble(folder, device)
     checkpoint = Checkpoint.read(folder / CHECKPOINT, device)
     config = checkpoint.config
-    model = model_for(checkpoint.weights, config.model, checkpoint.attrs["context_dim"], len(checkpoint.classes),
+    model = model_for(checkpoint.weights, config.model, feature_dims(checkpoint.attrs), len(checkpoint.classes),
                       folder / CHECKPOINT)
     return LoadedRun(folder, config.model, config, config.features, checkpoint.attrs,
                      FeatureRecipe.from_attrs(checkpoint.attrs), checkpoint.classes, model.to(device).eval(),
                      read_metrics(folder))
 
 
-def model_for(weights: dict[str, torch.Tensor], name: str, context_dim: int, num_classes: int, path: Path) -> nn.Module:
-    """`name` built for these sizes with `weights` loaded, once they are known to fit.
+def model_for(weights: dict[str, torch.Tensor], name: str, dims: dict[str, int], num_classes: int,
+              path: Path) -> nn.Module:
+    """`name` built for these feature sizes (`feature_dims`) with `weights` loaded, once they are known to fit.
 
     The model is first described on the meta device (no memory), so sizes a file merely
     claims never allocate anything: only weights of the shapes the file itself holds are.
     """
     with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in build_model(name, context_dim, num_classes).state_dict().items()}
+        expected = {key: tuple(value.shape) for key, value in build_model(name, num_classes=num_classes, **dims).state_dict().items()}
     found = {key: tuple(value.shape) for key, value in weights.items()}
     if found != expected:
         wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
-        raise TrainError(f"{path}: its weights do not fit a {name} model with context_dim {context_dim} and"
-                         f" {num_classes} classes (first difference: {wrong[0]}); retrain the run")
-    model = build_model(name, context_dim, num_classes)
+        sizes = " and ".join(f"{key} {value}" for key, value in dims.items())
+        raise TrainError(f"{path}: its weights do not fit a {name} model with {sizes} and {num_classes} classes"
+                         f" (first difference: {wrong[0]}); retrain the run")
+    model = build_model(name, num_classes=num_classes, **dims)
     model.load_state_dict(weights)
     return model
 
