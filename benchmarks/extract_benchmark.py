@@ -218,7 +218,7 @@ def write_shard(settings: ExtractSettings, context_dim: int, clips: list[np.ndar
                 ))
 
 
-def audio_rows(paths: list[Path], settings_kwargs: dict, work: Path, rounds: int = 3) -> list[str]:
+def audio_rows(paths: list[Path], settings_kwargs: dict, work: Path, rounds: int = 5) -> list[str]:
     """Target 8: extraction with the voice against without, and the audio alone against a bare loop, each timed in
     alternating rounds."""
     heard = prepared_run(paths, dict(settings_kwargs, audio_features="logmel"), work)
