@@ -1,7 +1,8 @@
 """`python cli.py demo`: the whole toolkit on a small synthetic sample set, in a few minutes on a laptop.
 
-Builds the sample set (demo/sample_set.py), extracts both splits, trains the fusion models and
-the single-stream baselines, scores them on the validation split and writes a summary. Every
+Builds the sample set (demo/sample_set.py), extracts both splits (faces, context and voice), trains
+the fusion models, the single-stream baselines and the models that hear, scores them on the
+validation split and writes a summary. Every
 step reuses what an earlier run finished, so a second run only prints the results again.
 
 Two departures from the paper, both for speed and said in the printout: the context CNN is
@@ -35,7 +36,7 @@ from train.metrics import Metrics
 
 DEMO_SET = SampleSetConfig(clips_per_class={DEFAULT_TRAIN_SPLIT: 24, DEFAULT_VAL_SPLIT: 12}, seconds=(2.0, 4.0))
 CONTEXT_BACKBONE = "mobilenet_v2"
-MODELS = ("face", "context", "concat", "parallel", "caca")
+MODELS = ("face", "context", "audio", "concat", "parallel", "caca", "face-audio", "caca-av")
 EPOCHS = 15
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 16
@@ -120,7 +121,7 @@ def _timings_table(timings: dict[str, float]) -> list[str]:
 
 def _explain_command(out: Path) -> str:
     explain = out / "explain"
-    return (f"python cli.py predict --run {out / 'runs' / 'caca'} --explain {explain} --out {explain / 'predictions.csv'}"
+    return (f"python cli.py predict --run {out / 'runs' / 'caca-av'} --explain {explain} --out {explain / 'predictions.csv'}"
             f" {out / CLIPS_FOLDER / 'val'}")
 
 

@@ -1,5 +1,5 @@
-"""The demo's labelled sample set: short H.264 clips made from real photographs, labelled by a
-rule that needs both the face and the scene.
+"""The demo's labelled sample set: short H.264 clips made from real photographs, with a sound
+track, labelled by a rule that needs both the face and the scene.
 
 Each clip is a real scene photo panned and zoomed over time, with a real face photo moving
 and growing or shrinking in a strip beside the frame's centre square. The context CNN sees
@@ -8,13 +8,19 @@ so the context stream knows the scene but not the person and the face stream the
 not the scene: a clip's label, which depends on both (`LABEL_RULE`), can only be read by
 fusing the two streams. The photos and their licences are listed in demo/README.md.
 
+Each clip also sounds like its kind of scene (`SOUNDS`): home clips hum low, space clips whistle
+high, so the voice stream knows what the context stream knows and the models that hear and see
+(face and voice) can read the label too.
+
 The set is synthetic: the labels are a rule, not anyone's emotion.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from joblib import Parallel, delayed
 from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
@@ -41,6 +48,10 @@ VIDEO_FPS = 10
 FACE_SIDES = (84, 124)  # the face photo's pasted square, in pixels; at most STRIP_WIDTH
 MAX_ZOOM = 1.5  # how far into the scene photo the camera may zoom
 BRIGHTNESS = (0.75, 1.25)
+# The sound track: AAC, mono, at the rate extraction hears at (no resampling to measure here).
+SOUND_RATE = 16000
+SOUND_LEVEL = (0.15, 0.35)  # peak of the hum or the whistle
+NOISE_LEVEL = (0.005, 0.03)  # standard deviation of the white noise under it
 
 MANIFEST_NAME = "manifest.csv"
 CLIPS_FOLDER = "clips"
@@ -120,6 +131,23 @@ def _group_of(name: str, groups: dict[str, tuple[str, ...]]) -> str:
     return next(group for group, members in groups.items() if name in members)
 
 
+def _hum(rng: np.random.Generator, times: np.ndarray) -> np.ndarray:
+    """A low buzz: a 110-160 Hz fundamental with four overtones, swelling a few times a second."""
+    pitch, swell = rng.uniform(110, 160), rng.uniform(2, 5)
+    buzz = sum(np.sin(2 * np.pi * k * pitch * times) / k for k in range(1, 6))
+    return buzz / np.abs(buzz).max() * (0.6 + 0.4 * np.sin(2 * np.pi * swell * times))
+
+
+def _whistle(rng: np.random.Generator, times: np.ndarray) -> np.ndarray:
+    """A high whistle gliding up an octave over the clip from 900-1300 Hz."""
+    start, seconds = rng.uniform(900, 1300), max(times[-1], 1e-3)
+    return np.sin(2 * np.pi * start * seconds / np.log(2) * (2 ** (times / seconds) - 1))
+
+
+# What each kind of scene sounds like.
+SOUNDS = {"home": _hum, "space": _whistle}
+
+
 def label_for(face: str, scene: str) -> str:
     """The class of a clip showing `face` in front of `scene`."""
     return LABEL_RULE[(_group_of(face, FACE_GROUPS), _group_of(scene, SCENE_KINDS))]
@@ -147,9 +175,17 @@ class ClipPlan:
     def relative_path(self) -> Path:
         return Path(self.split, self.label, f"clip-{self.number:03d}.mp4")
 
+    @property
+    def seed(self) -> list[int]:
+        return [SEED, SPLITS.index(self.split), list(LABEL_RULE.values()).index(self.label), self.number]
+
     def rng(self) -> np.random.Generator:
         """The clip's own random stream, so a clip does not change when others are added."""
-        return np.random.default_rng([SEED, SPLITS.index(self.split), list(LABEL_RULE.values()).index(self.label), self.number])
+        return np.random.default_rng(self.seed)
+
+    def sound_rng(self) -> np.random.Generator:
+        """The clip's own stream for its sound, so its pictures are drawn as they were before it had one."""
+        return np.random.default_rng([*self.seed, 1])
 
 
 def plan_clips(config: SampleSetConfig) -> list[ClipPlan]:
@@ -210,15 +246,41 @@ def render_clip(plan: ClipPlan, seconds: tuple[float, float], photos: dict[str, 
     return frames
 
 
-def write_video(path: Path, frames: list[np.ndarray]) -> None:
+def render_sound(plan: ClipPlan, frames: int) -> np.ndarray:
+    """The clip's sound, as long as its `frames` pictures: its scene kind's sound over white noise, in [-1, 1]."""
+    rng = plan.sound_rng()
+    times = np.arange(round(frames / VIDEO_FPS * SOUND_RATE)) / SOUND_RATE
+    sound = SOUNDS[_group_of(plan.scene, SCENE_KINDS)](rng, times) * rng.uniform(*SOUND_LEVEL)
+    return np.clip(sound + rng.normal(0, rng.uniform(*NOISE_LEVEL), len(times)), -1, 1).astype(np.float32)
+
+
+def write_video(path: Path, frames: list[np.ndarray], sound: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         # One thread: the same frames always give the same bytes.
-        stream = container.add_stream("libx264", rate=Fraction(VIDEO_FPS), options={"preset": "veryfast", "threads": "1"})
-        stream.width, stream.height, stream.pix_fmt = FRAME_WIDTH, FRAME_HEIGHT, "yuv420p"
+        video = container.add_stream("libx264", rate=Fraction(VIDEO_FPS), options={"preset": "veryfast", "threads": "1"})
+        video.width, video.height, video.pix_fmt = FRAME_WIDTH, FRAME_HEIGHT, "yuv420p"
+        audio = container.add_stream("aac", rate=SOUND_RATE, layout="mono")
         for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        chunk = audio.codec_context.frame_size
+        for start in range(0, len(sound), chunk):
+            frame = av.AudioFrame.from_ndarray(sound[None, start:start + chunk], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = SOUND_RATE, start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+
+
+@functools.cache
+def _photos() -> dict[str, Image.Image]:
+    """Every photo the clips show, by name, loaded once per process."""
+    return {name: face.photo.load() for name, face in FACES.items()} | {name: photo.load() for name, photo in SCENES.items()}
+
+
+def _make_clip(plan: ClipPlan, seconds: tuple[float, float], folder: Path) -> None:
+    frames = render_clip(plan, seconds, _photos())
+    write_video(folder / plan.relative_path, frames, render_sound(plan, len(frames)))
 
 
 def _planned_ids(plans: list[ClipPlan]) -> dict[str, ClipPlan]:
@@ -262,12 +324,15 @@ def build_sample_set(out: Path, config: SampleSetConfig, progress: bool = True, 
     if (clips.exists() or clips.is_symlink()) and not (clips / CONFIG_NAME).is_file() and not overwrite:
         raise DemoError(f"{clips} was not made by the demo (it has no {CONFIG_NAME}): choose another --out, or pass"
                         " --overwrite to replace it")
-    photos = {name: face.photo.load() for name, face in FACES.items()}
-    photos |= {name: photo.load() for name, photo in SCENES.items()}
+    _photos()  # a missing or altered photo is refused here, before any worker starts
     building = out / BUILDING_FOLDER
     shutil.rmtree(building, ignore_errors=True)
-    for plan in tqdm(plans, desc="sample set", unit="clip", disable=not progress):
-        write_video(building / plan.relative_path, render_clip(plan, config.seconds, photos))
+    # Each clip is encoded on one thread (for the same bytes every time), so clips are made side by side.
+    making = Parallel(n_jobs=min(len(plans), os.cpu_count() or 1), return_as="generator_unordered")(
+        delayed(_make_clip)(plan, config.seconds, building) for plan in plans
+    )
+    for _ in tqdm(making, total=len(plans), desc="sample set", unit="clip", disable=not progress):
+        pass
     (building / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=1))
     manifest.unlink(missing_ok=True)
     if clips.is_symlink():
