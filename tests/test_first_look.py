@@ -143,9 +143,11 @@ def test_a_real_validate_process_exits_1_and_leaves_no_helper_behind(looping):
 
 @pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
 def test_a_command_stopped_while_its_helper_loops_takes_the_helper_with_it(looping, how):
-    # The look may wait far longer than the test does, so that the signal always comes while it waits, however
-    # slowly a loaded machine lets the helper start looping.
-    code = ("import sys; from features import look; look.LOOK_SECONDS = 600;"
+    # Ctrl-C as in a shell's foreground job, even where the tests run in the background (which ignores SIGINT, and a
+    # child inherits that); and a look that waits far longer than the test does, so that the signal always comes
+    # while it waits, however slowly a loaded machine lets the helper start looping.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " from features import look; look.LOOK_SECONDS = 600;"
             " from cli import cli; cli(sys.argv[1:], prog_name='cli.py')")
     process = subprocess.Popen([sys.executable, "-c", code, "features", "inspect", str(looping / "train")], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -157,12 +159,22 @@ def test_a_command_stopped_while_its_helper_loops_takes_the_helper_with_it(loopi
         time.sleep(0.05)
     assert helpers and cpu_seconds(helpers[0]) >= 1 and process.poll() is None
     process.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        dispositions = signal_lines(process.pid)  # blocked, ignored or caught: why the signal did nothing
+        process.kill()
+        raise AssertionError(f"still running 60 s after {how}: {dispositions}") from None
     if how == "Ctrl-C":
         assert (process.returncode, stderr) == (EXIT_INTERRUPTED, "interrupted\n")
     while any(running(pid) for pid in helpers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(running(pid) for pid in helpers)
+
+
+def signal_lines(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return "; ".join(line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def cpu_seconds(pid: int) -> float:
