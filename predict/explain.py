@@ -111,7 +111,7 @@ def explanation(frames: list[Thumbnail], timestamps: np.ndarray, boxes: np.ndarr
     FigureCanvasAgg(figure)
     figure.suptitle(title(prediction, model_name), fontsize=16, fontweight="bold")
     top, *middle, bottom = figure.subfigures(len(rows), 1, height_ratios=rows)
-    draw_frames(top, frames, timestamps, boxes)
+    draw_frames(top, frames, timestamps, boxes, len(steps_frame_index))
     if voice is not None:
         draw_voice(middle[0].subplots(), voice, np.asarray(timestamps), [frame.index for frame in frames])
     attention_axes, probability_axes = bottom.subplots(1, 2, width_ratios=[1.6, 1])
@@ -138,17 +138,21 @@ def title(prediction: Prediction, model_name: str) -> str:
             f" {model_name!r}")
 
 
-def frames_caption(shown: int, boxes: np.ndarray) -> str:
+def frames_caption(shown: int, boxes: np.ndarray, steps: int) -> str:
+    """What the row of frames shows, and which frames the model's `steps` were (train/data.py's policy)."""
     found = int((~np.isnan(boxes).any(axis=1)).sum())
     if not found:
         return (f"{shown} of the {len(boxes)} sampled frames. NO FACE FOUND in any frame:"
-                " the model saw every frame, with empty face features")
-    return (f"{shown} of the {len(boxes)} sampled frames (face found in {found}; the model saw only those)."
-            " Green box: the face the model used")
+                " the model used every frame, with empty face features")
+    if steps == found:
+        return (f"{shown} of the {len(boxes)} sampled frames (face found in {found}; the model saw only those)."
+                " Green box: the face the model used")
+    return (f"{shown} of the {len(boxes)} sampled frames (face found in {found}; the model used every frame)."
+            " Green box: the face found")
 
 
-def draw_frames(figure, frames: list[Thumbnail], timestamps: np.ndarray, boxes: np.ndarray) -> None:
-    figure.suptitle(frames_caption(len(frames), boxes), fontsize=12)
+def draw_frames(figure, frames: list[Thumbnail], timestamps: np.ndarray, boxes: np.ndarray, steps: int) -> None:
+    figure.suptitle(frames_caption(len(frames), boxes, steps), fontsize=12)
     for axes, frame in zip(np.atleast_1d(figure.subplots(1, len(frames))), frames):
         axes.imshow(frame.image)
         box = boxes[frame.index]

@@ -154,9 +154,9 @@ def check_unique_ids(entries: list[ClipEntry]) -> None:
         first[entry.clip_id] = entry
 
 
-def step_frames(has_face: np.ndarray) -> np.ndarray:
-    """Which sampled frames became the model's steps: the training policy applied to frame numbers."""
-    return np.flatnonzero(step_frames_mask(has_face))
+def step_frames(has_face: np.ndarray, inputs: tuple[str, ...]) -> np.ndarray:
+    """Which sampled frames became the steps of a model of `inputs`: the training policy applied to frame numbers."""
+    return np.flatnonzero(step_frames_mask(has_face, inputs))
 
 
 def as_stored(clip: ClipFeatures, names: tuple[str, ...], context_dtype: str) -> dict[str, np.ndarray]:
@@ -299,7 +299,7 @@ def predict_videos(
                     pictures[clip.clip_id],
                     thumbnails(Path(clip.source_path), recipe.fps, len(clip.timestamps)),
                     clip.timestamps, clip.box, prediction, classes, loaded.name, attention_streams(model),
-                    step_frames(clip.has_face), clip=clip, audio_bands=recipe.audio_bands,
+                    step_frames(clip.has_face, model.inputs), clip=clip, audio_bands=recipe.audio_bands,
                 )
             except (VideoError, OSError) as exc:  # the video changed since it was read, or the disk is full
                 failures.append(Failure(clip.clip_id, clip.source_path, EXPLAIN_STAGE, one_line(str(exc)),

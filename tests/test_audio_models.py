@@ -18,6 +18,7 @@ from train.compare import run_compare
 from train.config import TrainConfig, TrainError
 from train.data import clip_steps, collate, model_inputs
 from train.ensemble import fit_ensemble
+from train.layout import COMPLETE_MARK
 from train.loop import train_model
 from train.runs import load_run
 
@@ -112,8 +113,13 @@ def test_compare_with_a_model_that_hears_adds_its_row_and_the_mec_2017_baselines
 
 def test_an_ensemble_of_a_model_that_hears_and_one_that_sees_fits_loads_and_learns_both(voice, runs, tmp_path):
     folder = fit_ensemble([runs["audio"][0], runs["face"][0]], "val", voice, tmp_path / "ensemble", device="cpu")
-    assert load_run(folder, torch.device("cpu")).model.inputs == ("face", "audio", "has_audio")
+    # The members step through other frames (every frame, the frames with a face): the ensemble reads has_face.
+    assert load_run(folder, torch.device("cpu")).model.inputs == ("face", "audio", "has_audio", "has_face")
     status, _, stderr = run_cli("evaluate", "--run", folder, "--split", "val", "--device", "cpu")
     assert status == 0, stderr
+    evaluated = json.loads((folder / "eval-val" / "metrics.json").read_text())
     # Each member knows one bit: their mixed probabilities put the most on the class of both.
-    assert json.loads((folder / "eval-val" / "metrics.json").read_text())["accuracy"] > 0.9
+    assert evaluated["accuracy"] > 0.9
+    # Evaluated as one model, each member on its own steps, it scores as fitted from each member's own evaluation.
+    fitted = json.loads((folder / COMPLETE_MARK).read_text())
+    assert (evaluated["map"], evaluated["accuracy"]) == pytest.approx((fitted["map"], fitted["accuracy"]), abs=1e-6)

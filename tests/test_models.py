@@ -41,8 +41,8 @@ def padded_batch(lengths: list[int], face_dim: int = FACE_DIM, context_dim: int 
 
 def padded_inputs(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Every model input as `train.data.collate` names them (face, context, face_map: (B, T, 128, 4, 4),
-    audio, has_audio, mask), padded like `padded_batch`: large garbage and a NaN in every input, random
-    flags in has_audio. Valid steps without audio (about a third, never a row's first) hold large garbage
+    audio, has_audio, has_face, mask), padded like `padded_batch`: large garbage and a NaN in every input, random
+    flags in has_audio and has_face. Valid steps without audio (about a third, never a row's first) hold large garbage
     in their audio row, which the models must never read."""
     face, context, mask = padded_batch(lengths, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -54,8 +54,9 @@ def padded_inputs(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
     has_audio[:, 0] = True
     audio[~has_audio] = 1e4 * torch.randn(audio[~has_audio].shape, generator=generator)
     audio[lengths.index(min(lengths)), -1, 0] = float("nan")
+    has_face = torch.rand(mask.shape, generator=generator) > 0.4
     return {"face": face, "context": context, "face_map": face_map, "audio": audio, "has_audio": has_audio,
-            "mask": mask}
+            "has_face": has_face, "mask": mask}
 
 
 def rows_of(inputs: dict[str, torch.Tensor], row: int, steps: int) -> dict[str, torch.Tensor]:
@@ -247,13 +248,34 @@ def test_a_model_reads_exactly_the_inputs_it_declares(name):
 def test_an_ensemble_gives_each_member_its_own_inputs_and_takes_exactly_theirs():
     members = [model("caca-av").eval(), model(SPATIOTEMPORAL, seed=1).eval()]
     ensemble = WeightedEnsemble(members, [0.25, 0.75]).eval()
-    assert ensemble.inputs == STEP_INPUTS
+    assert ensemble.inputs == tuple(name for name in STEP_INPUTS if name != "has_face")  # both see: the same steps
     inputs = padded_inputs([3, 2])
     with torch.no_grad():
         expected = sum(w * logits_of(m, inputs).softmax(dim=-1) for w, m in zip((0.25, 0.75), members)).log()
         torch.testing.assert_close(logits_of(ensemble, inputs), expected, rtol=0, atol=1e-6)
         with pytest.raises(ValueError, match=r"missing \['face_map'\]"):
             ensemble(declared_inputs(members[0], inputs), inputs["mask"])
+
+
+def test_an_ensemble_of_a_model_that_sees_and_one_that_only_hears_gives_each_its_own_steps():
+    """The ensemble reads every frame with has_face; the member that sees gets each row's frames with a face (all of a
+    row's frames where none has one), as it would alone; the member that only hears gets every frame."""
+    members = [model("caca").eval(), model("audio", seed=1).eval()]
+    ensemble = WeightedEnsemble(members, [0.6, 0.4]).eval()
+    assert ensemble.inputs == ("face", "context", "audio", "has_audio", "has_face")
+    inputs = padded_inputs([7, 5, 3])
+    inputs["has_face"][1] = False  # a clip without a face: every frame
+    with torch.no_grad():
+        seen = []
+        for row, length in enumerate(inputs["mask"].sum(dim=1).tolist()):
+            has_face = inputs["has_face"][row, :length]
+            frames = has_face.nonzero()[:, 0] if has_face.any() else torch.arange(length)
+            alone = {name: inputs[name][row:row + 1, frames] for name in ("face", "context")}
+            seen.append(logits_of(members[0], dict(alone, mask=torch.ones(1, len(frames), dtype=torch.bool))))
+        heard = logits_of(members[1], inputs).softmax(dim=-1)
+        expected = (0.6 * torch.cat(seen).softmax(dim=-1) + 0.4 * heard).log()
+        torch.testing.assert_close(logits_of(ensemble, inputs), expected, rtol=0, atol=1e-6)
+    assert any(0 < inputs["has_face"][row, :length].sum() < length for row, length in enumerate([7, 5, 3]))
 
 
 def test_wrong_inputs_are_refused_loudly():

@@ -64,11 +64,18 @@ def varied_split(tmp_path_factory) -> Path:
     return folder
 
 
-def batches(folder: Path, packed: bool, train: bool, workers: int, epochs: int = 1) -> Iterator[dict]:
+# Inputs whose steps differ (train/data.py's policy): a model that sees and hears (the frames with a face), one that
+# only hears (every frame), and an ensemble of both (every frame, with has_face).
+SEES = tuple(name for name in STEP_INPUTS if name != "has_face")
+HEARS = ("audio", "has_audio")
+
+
+def batches(folder: Path, packed: bool, train: bool, workers: int, epochs: int = 1,
+            inputs: tuple[str, ...] = SEES) -> Iterator[dict]:
     """The loader's batches over `epochs` epochs, one at a time (a packed loader then reuses its memory)."""
     with open_features(folder) as features:
-        steps = packed_in_memory(features, STEP_INPUTS) if packed else None
-        dataset = ClipDataset(features, list(features.attrs["classes"]), train=train, inputs=STEP_INPUTS, steps=steps)
+        steps = packed_in_memory(features, inputs) if packed else None
+        dataset = ClipDataset(features, list(features.attrs["classes"]), train=train, inputs=inputs, steps=steps)
         torch.manual_seed(11)  # the random starts of training come from torch's generator
         loader = make_loader(dataset, batch_size=8, num_workers=workers, seed=4, shuffle=train)
         for _ in range(epochs):
@@ -77,23 +84,24 @@ def batches(folder: Path, packed: bool, train: bool, workers: int, epochs: int =
 
 # What each input's batches hold: as stored when gathered from packed steps, as collate makes them otherwise.
 STORED = {"face": torch.float32, "context": torch.float16, "face_map": torch.float16, "audio": torch.float32,
-          "has_audio": torch.bool}
+          "has_audio": torch.bool, "has_face": torch.bool}
 COLLATED = {name: torch.bool if dtype == torch.bool else torch.float32 for name, dtype in STORED.items()}
 
 
-@pytest.mark.parametrize("train, workers", [(True, 0), (False, 0), (True, 2)])
-def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train, workers):
+@pytest.mark.parametrize("train, workers, inputs", [(True, 0, SEES), (False, 0, SEES), (True, 2, SEES),
+                                                   (True, 0, HEARS), (False, 0, STEP_INPUTS)])
+def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train, workers, inputs):
     """Three epochs, each packed batch compared and dropped before the next is made: batches of other
     lengths then reuse the memory of earlier ones, whose steps must not show through the padding."""
-    collated = list(batches(varied_split, packed=False, train=train, workers=workers, epochs=3))
-    gathered = batches(varied_split, packed=True, train=train, workers=workers, epochs=3)
+    collated = list(batches(varied_split, packed=False, train=train, workers=workers, epochs=3, inputs=inputs))
+    gathered = batches(varied_split, packed=True, train=train, workers=workers, epochs=3, inputs=inputs)
     assert len(collated) == 15
     starts_differ = False
     for old in collated:
         new = next(gathered)
         assert new["clip_id"] == old["clip_id"]
         assert torch.equal(new["mask"], old["mask"]) and torch.equal(new["label"], old["label"])
-        for name in STEP_INPUTS:
+        for name in inputs:
             # Stored dtypes travel (float16 context and maps); converted, they are collate's values.
             assert new[name].dtype == STORED[name] and old[name].dtype == COLLATED[name], name
             assert new[name].shape == old[name].shape and torch.equal(new[name].to(old[name].dtype), old[name]), name
@@ -101,15 +109,39 @@ def test_packed_batches_are_the_collated_batches_bit_for_bit(varied_split, train
         del new
     assert next(gathered, None) is None
     assert starts_differ  # padding was there to compare
-    assert any_unlabelled(collated) and any_faceless_step(collated) and any_step_without_audio(collated)
+    assert any_unlabelled(collated) and any_step_without_audio(collated)
+    if inputs != HEARS:  # which steps a model that only hears takes: the next test
+        # Faceless steps: those of clips without a face for a model that sees; any frame without one for the others.
+        assert any_faceless_step(collated, clips_without_face=inputs == SEES)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_model_that_sees_steps_through_the_frames_with_a_face_one_that_only_hears_through_every_frame(
+        varied_split, packed):
+    with open_features(varied_split) as features:
+        frames = {clip_id: features.read(clip_id, ("has_face",))["has_face"] for clip_id in features.clip_ids}
+        for inputs in (SEES, ("context",), HEARS, STEP_INPUTS):
+            steps = packed_in_memory(features, inputs) if packed else None
+            dataset = ClipDataset(features, list(features.attrs["classes"]), train=False, inputs=inputs, steps=steps)
+            for i, clip_id in enumerate(dataset.clip_ids):
+                has_face = frames[clip_id]
+                every_frame = "context" not in inputs or "has_face" in inputs or not has_face.any()
+                assert len(dataset[i]) == (len(has_face) if every_frame else has_face.sum()), (inputs, clip_id)
+        assert any(has_face.any() and not has_face.all() for has_face in frames.values())
 
 
 def any_unlabelled(batch_list: list[dict]) -> bool:
     return any(bool((batch["label"] == -1).any()) for batch in batch_list)
 
 
-def any_faceless_step(batch_list: list[dict]) -> bool:
-    return any(bool((batch["face"].abs().sum(dim=2) == 0).any()) for batch in batch_list)
+def any_faceless_step(batch_list: list[dict], clips_without_face: bool) -> bool:
+    """Whether a batch has a step without a face, in a clip where no frame has one or else in a clip with faces."""
+    for batch in batch_list:
+        faceless = batch["mask"] & ~batch["has_face"] if "has_face" in batch else batch["face"].abs().sum(dim=2) == 0
+        faceless_clips = (faceless == batch["mask"]).all(dim=1)
+        if bool((faceless.any(dim=1) & (faceless_clips if clips_without_face else ~faceless_clips)).any()):
+            return True
+    return False
 
 
 def any_step_without_audio(batch_list: list[dict]) -> bool:
@@ -157,7 +189,7 @@ def test_the_cache_is_made_once_then_mapped_and_travels_to_workers_as_its_folder
         assert written == ["face_map"]  # offsets and context reused, the new input added
         assert all(first.folder.joinpath(name).stat().st_mtime_ns == stamp for name, stamp in stamps.items()
                    if name.endswith(".npy"))
-        memory = packed_in_memory(features, STEP_INPUTS)
+        memory = packed_in_memory(features, SEES)
     assert isinstance(again.arrays["context"], np.memmap) and not again.arrays["context"].flags.writeable
     assert np.array_equal(again.offsets, memory.offsets)
     for name in ("context", "face_map"):
@@ -168,6 +200,26 @@ def test_the_cache_is_made_once_then_mapped_and_travels_to_workers_as_its_folder
     back = pickle.loads(shipped)
     assert np.array_equal(back.arrays["face_map"], memory.arrays["face_map"])
     assert np.array_equal(back.lengths, memory.lengths)
+
+
+def test_the_steps_of_models_that_only_hear_are_cached_beside_the_others_in_files_of_their_own(varied_split, tmp_path):
+    with open_features(varied_split) as features:
+        seeing, _ = cached_steps(features, ("face", "audio"), tmp_path)
+        hearing, written = cached_steps(features, HEARS, tmp_path)
+        assert hearing.folder == seeing.folder and hearing.every_frame and not seeing.every_frame
+        assert written == ["offsets", "audio", "has_audio"]  # the seeing model's audio steps are other rows
+        assert sorted(path.name for path in seeing.folder.glob("*.npy")) == [
+            "audio.every-frame.npy", "audio.npy", "face.npy", "has_audio.every-frame.npy", "offsets.every-frame.npy",
+            "offsets.npy"]
+        for inputs in (HEARS, ("face", "audio")):
+            assert cached_steps(features, inputs, tmp_path)[1] == []  # each kind found, none written again
+        memory = packed_in_memory(features, HEARS)
+        assert np.array_equal(hearing.offsets, memory.offsets) and memory.offsets[-1] == features.n_frames
+        assert seeing.offsets[-1] < features.n_frames
+        back = pickle.loads(pickle.dumps(hearing))  # as it travels to a loader's worker
+        for name in HEARS:
+            assert np.array_equal(back.arrays[name], memory.arrays[name])
+            assert np.array_equal(hearing.arrays[name], memory.arrays[name])
 
 
 def wait_for_the_background_sync() -> None:

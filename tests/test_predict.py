@@ -25,7 +25,7 @@ from extract.video import VideoError
 from manifests.builders import build_folder
 from manifests.manifest import write_manifest
 from predict.explain import THUMBNAIL_SIDE, explain_clip, explanation, frames_to_show, thumbnails
-from predict.predict import Prediction, PredictError, collect_videos, predict_videos
+from predict.predict import Prediction, PredictError, collect_videos, predict_videos, step_frames
 from report.audio import NO_AUDIO_COLOUR, Voice
 from tests.conftest import QUIET, quiet
 from tests.media import brightness, burst_frames, burst_track, photo, write_av_clip, write_clip
@@ -286,6 +286,23 @@ def test_a_model_without_attention_says_so_in_its_picture(videos, tmp_path):
     # Without features that hear (clip=None), nothing of audio.
     figure = explanation(shown, np.arange(3) * 0.2, boxes, prediction, classes, "face", None, np.arange(3))
     assert not any("Audio" in axes.get_title() for axes in figure.get_axes())
+
+
+def test_the_pictures_say_which_frames_the_model_used(videos):
+    """A model that sees uses the frames with a face; `audio` every frame (train/data.py's policy)."""
+    prediction = Prediction("cat.mp4", str(videos / "cat.mp4"), "sad", {"happy": 0.3, "sad": 0.7}, 3, 2, None)
+    shown = thumbnails(videos / "cat.mp4", 5.0, 3)
+    boxes = np.array([[1, 1, 9, 9], [np.nan] * 4, [2, 2, 9, 9]], np.float32)
+    for inputs, used in [(("face", "context"), "face found in 2; the model saw only those"),
+                         (("audio", "has_audio"), "face found in 2; the model used every frame"),
+                         (("face", "audio", "has_audio", "has_face"), "face found in 2; the model used every frame")]:
+        figure = explanation(shown, np.arange(3) * 0.2, boxes, prediction, ["happy", "sad"], "m", None,
+                             step_frames(np.array([True, False, True]), inputs))
+        assert used in " ".join(sub.get_suptitle() for sub in figure.subfigs), inputs
+    faceless = explanation(shown, np.arange(3) * 0.2, np.full((3, 4), np.nan, np.float32), prediction,
+                           ["happy", "sad"], "m", None, step_frames(np.zeros(3, bool), ("face",)))
+    assert any("NO FACE FOUND in any frame: the model used every frame" in sub.get_suptitle()
+               for sub in faceless.subfigs)
 
 
 def test_the_predict_command_reports_each_clip_and_exits_3_when_some_failed(run, videos, tmp_path):

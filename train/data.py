@@ -1,11 +1,16 @@
 """Stage 2's data: clips read from feature shards, as padded batches of aligned face and context steps.
 
-Frames without a face (one policy, `step_frames_mask`): the paper pairs each detected face with its frame
-("with each detected face, corresponding context stream contains the original frame"), so a
-clip's steps are its frames WITH a face, in time order, for both streams. A clip where no
-frame has a face still gets a prediction: its steps are all its frames, with face features
-of zero (the stored filler). Consequences: adding faceless frames to a clip that has faces
-changes nothing, and every clip of a split is scored.
+Which frames are a clip's steps (one policy, `step_frames_mask`, and its batch form `batch_step_mask`):
+- A model that sees (it reads the face, the context or the face maps) steps through the frames WITH a
+  face, in time order, for every input: the paper pairs each detected face with its frame ("with each
+  detected face, corresponding context stream contains the original frame"). A clip where no frame has
+  a face still gets a prediction: its steps are all its frames, with face features of zero (the stored
+  filler). Consequences: adding faceless frames to a clip that has faces changes nothing, and every
+  clip of a split is scored.
+- A model that only hears (`audio`) steps through every frame: the voice needs no face, and a speaker
+  off screen or turned away is still heard (`has_audio` tells the frames without audio).
+- A model that reads `has_face` picks its steps itself: the ensemble of members of both kinds reads
+  every frame and gives each member its own steps.
 
 Augmentation, as the paper: in training each clip starts at a random step among the first
 half of its steps (so at least half of it remains); in evaluation it starts at the first.
@@ -14,8 +19,9 @@ Each model declares the per-frame inputs it reads (`model.inputs`, a subset of
 `STEP_INPUTS`), and only those are read from the shards, with `has_face` to choose the steps:
 Face-RNN never reads the context features, `c3d` reads only the face maps (128x4x4 per
 frame, 8x the memory of the face features), the models that hear the voice (`audio`, with
-`has_audio`, held only by sets extracted with audio). Every input follows the same steps: a
-clip's voice is heard on its frames with a face, as its context is seen there.
+`has_audio`, held only by sets extracted with audio). Within a model every input follows the
+same steps: a seeing model hears a clip's voice on its frames with a face, as it sees its
+context there.
 
 Preloaded splits (train/packed.py) hold every clip's steps in one array per input; their
 batches are gathered whole and equal, bit for bit, the batches `collate` makes of the same
@@ -49,7 +55,9 @@ if TYPE_CHECKING:
 # The per-frame arrays (shard datasets) a model can take as steps, by name: `model(inputs, mask)`
 # with `inputs` the arrays of `model.inputs`, listed in this order. The rest of a clip (boxes,
 # landmarks, timestamps, scores) is never read in training, which saves a read per array and clip.
-STEP_INPUTS = ("face", "context", "face_map", "audio", "has_audio")
+STEP_INPUTS = ("face", "context", "face_map", "audio", "has_audio", "has_face")
+# What the pictures give: a model reading any of these steps through the frames with a face.
+SEEN_INPUTS = ("face", "context", "face_map")
 
 
 def open_split(root: Path, split: str) -> FeatureSet:
@@ -98,10 +106,26 @@ def check_inputs_held(attrs: dict, inputs: tuple[str, ...], model: str, folder: 
                          f" (python cli.py features add-audio {folder} --out NEW_FOLDER)")
 
 
-def step_frames_mask(has_face: np.ndarray) -> np.ndarray:
-    """Which frames are a clip's steps: its frames with a face, all of them when none has one
-    (the policy in this module's notes)."""
-    return has_face if has_face.any() else np.ones(len(has_face), bool)
+def steps_every_frame(inputs: tuple[str, ...]) -> bool:
+    """Whether a model of `inputs` steps through every frame: it only hears, or it reads has_face and picks its
+    steps itself (the policy in this module's notes)."""
+    return "has_face" in inputs or not any(name in SEEN_INPUTS for name in inputs)
+
+
+def step_frames_mask(has_face: np.ndarray, inputs: tuple[str, ...]) -> np.ndarray:
+    """Which of a clip's frames are its steps for a model of `inputs`: every frame for a model that steps through
+    every frame; else its frames with a face, all of them when none has one."""
+    if steps_every_frame(inputs) or not has_face.any():
+        return np.ones(len(has_face), bool)
+    return has_face
+
+
+def batch_step_mask(has_face: torch.Tensor, mask: torch.Tensor, inputs: tuple[str, ...]) -> torch.Tensor:
+    """`step_frames_mask` over a batch of every frame: which of each row's valid frames (`mask`) are its steps."""
+    if steps_every_frame(inputs):
+        return mask
+    seen = has_face & mask
+    return torch.where(seen.any(dim=1, keepdim=True), seen, mask)
 
 
 @dataclass
@@ -119,7 +143,7 @@ class ClipSteps:
 
 def clip_steps(clip_id: str, clip: dict, label: int, inputs: tuple[str, ...]) -> ClipSteps:
     """A clip's steps of `inputs`, as every model input is built (training, evaluation, prediction)."""
-    keep = step_frames_mask(clip["has_face"])
+    keep = step_frames_mask(clip["has_face"], inputs)
     return ClipSteps(clip_id, {name: clip[name][keep] for name in inputs}, label)
 
 
@@ -148,7 +172,7 @@ class ClipDataset(Dataset):
             raise ValueError(f"the packed steps hold {tuple(steps.arrays)}, not all of {inputs}")
         self.features = features
         self.inputs = inputs
-        self.arrays = ("has_face", *inputs)
+        self.arrays = tuple(dict.fromkeys(("has_face", *inputs)))
         self.clip_ids = list(features.clip_ids)
         index = {name: i for i, name in enumerate(classes)}
         labels = features.labels  # built anew at each access: once here, not once per clip
@@ -277,7 +301,7 @@ def batch_of(inputs: dict[str, torch.Tensor], lengths: torch.Tensor, labels: lis
 
 def collate(items: list[ClipSteps] | dict) -> dict:
     """Left-aligned padding to the longest clip, one float32 tensor per input the items have, bool for
-    flags (has_audio); a batch already gathered from packed steps passes through."""
+    flags (has_audio, has_face); a batch already gathered from packed steps passes through."""
     if isinstance(items, dict):
         return items
     lengths = torch.tensor([len(item) for item in items])

@@ -6,7 +6,8 @@ Every model is called as `model(inputs, mask)`: `inputs` maps exactly the names 
 `model.inputs` (some of `train.data.STEP_INPUTS`; Face-RNN: face; the fusion models: face and
 context; `c3d`: face_map; the models that hear: audio and has_audio besides their others) to
 their steps, `face` (B, T, face_dim), `context` (B, T, context_dim), `face_map` (B, T, 128, 4,
-4), `audio` (B, T, audio_dim), `has_audio` (B, T) bool; `mask` (B, T) bool is True on each
+4), `audio` (B, T, audio_dim), `has_audio` (B, T) bool (and, for an ensemble that gives its members
+their own steps, `has_face` (B, T) bool); `mask` (B, T) bool is True on each
 row's valid steps, which come first (left-aligned), at least one per row. Inputs a model does
 not declare are not read from the shards, and given to it they are refused (a caller's bug).
 The CACA models also give their attention, through `forward_with_attention`. For the RNNs,
@@ -60,8 +61,9 @@ here once:
   nor a parameter count for them). The audio stream's encoder reads [audio_t ; has_audio_t]:
   Linear(audio_dim + 1, 128), ReLU, dropout 0.5, with audio_t zeroed where has_audio_t is
   false, so that a step without audio is told by its flag, never by values that could be a
-  quiet voice, and whatever its row holds never reaches a result. Its steps are those of every
-  other input (train/data.py's policy: the frames with a face).
+  quiet voice, and whatever its row holds never reaches a result. Its steps are train/data.py's:
+  every frame for `audio`, which only hears; the frames with a face where it is heard beside
+  what is seen.
 - Audio-RNN (`audio`): the audio stream alone, as Face-RNN reads faces (two-layer LSTM of 256).
 - Face-audio RNN (`face-audio`): Concatenated-RNN over face and audio, [encoded face ; encoded
   audio] per step into a two-layer LSTM of 256.
@@ -79,11 +81,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from features.recipe import with_setting_defaults
 from features.schema import FACE_DIM, FACE_MAP_SHAPE
 from train.config import ALIASES, MODEL_NAMES, SPATIOTEMPORAL, TRAINABLE_MODELS
-from train.data import STEP_INPUTS
+from train.data import STEP_INPUTS, batch_step_mask, steps_every_frame
 
 STREAMS = ("face", "context")  # the paper's
 AUDIO = "audio"
 HAS_AUDIO = "has_audio"  # the audio stream's flag, read with it by its encoder
+HAS_FACE = "has_face"  # read only by an ensemble that gives its members their own steps
 # The voice's width where a caller gives none: mean and std of 64 log-mel bands, the extractor's
 # default (extract.clips.audio_settings). Callers that know the features pass `feature_dims`.
 DEFAULT_AUDIO_DIM = 128
@@ -357,19 +360,44 @@ class SpatiotemporalCNN(nn.Module):
 
 
 class WeightedEnsemble(nn.Module):
-    """Members' class probabilities, linearly weighted; returns their log, so softmax gives them back."""
+    """Members' class probabilities, linearly weighted; returns their log, so softmax gives them back.
+
+    Members step through the same frames, or, when some see and some only hear (train/data.py's policy), the
+    ensemble reads every frame with has_face and gives each member its own steps."""
 
     def __init__(self, members: list[nn.Module], weights: list[float]):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
-        self.inputs = tuple(name for name in STEP_INPUTS if any(name in member.inputs for member in members))
+        own_steps = len({steps_every_frame(member.inputs) for member in members}) > 1
+        self.inputs = tuple(name for name in STEP_INPUTS
+                            if any(name in member.inputs for member in members) or (name == HAS_FACE and own_steps))
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         check_input_names(self, inputs)
-        probabilities = [member({name: inputs[name] for name in member.inputs}, mask).softmax(dim=-1)
-                         for member in self.members]
+        probabilities = [member(*self.member_steps(member, inputs, mask)).softmax(dim=-1) for member in self.members]
         return torch.log(sum(w * p for w, p in zip(self.weights, probabilities)))
+
+    def member_steps(self, member: nn.Module, inputs: dict[str, torch.Tensor],
+                     mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A member's inputs and mask: the ensemble's own, or, where it reads every frame for members that do not,
+        the member's steps among them."""
+        own = {name: inputs[name] for name in member.inputs}
+        if HAS_FACE not in self.inputs or steps_every_frame(member.inputs):
+            return own, mask
+        return steps_first(own, batch_step_mask(inputs[HAS_FACE], mask, member.inputs))
+
+
+def steps_first(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The inputs with each row's steps where `keep` (B, T) is True moved to its front, in time order, and the mask
+    of those steps. What follows them is the rows' other frames: padding, which no model reads."""
+    lengths = keep.sum(dim=1)
+    order = torch.sort((~keep).to(torch.int32), dim=1, stable=True).indices[:, :int(lengths.max())]
+    moved = {}
+    for name, steps in inputs.items():
+        index = order.reshape(*order.shape, *[1] * (steps.dim() - 2)).expand(-1, -1, *steps.shape[2:])
+        moved[name] = torch.gather(steps, 1, index)
+    return moved, torch.arange(order.shape[1], device=keep.device)[None, :] < lengths[:, None]
 
 
 # The models that concatenate streams per step, and the cascades' first stream and second streams.

@@ -2,7 +2,8 @@
 gathered at memory speed.
 
 Clip i of the split (in `FeatureSet.clip_ids` order) is rows `offsets[i]:offsets[i + 1]` of each
-array, its steps under `train.data`'s faceless-frame policy, in the stored dtypes (face float32,
+array, its steps under `train.data`'s policy (its frames with a face for the models that see,
+every frame for those that only hear: two sets of files), in the stored dtypes (face float32,
 context and face maps as the shards hold them, float16 by default): a batch is a few contiguous
 copies per input, with no per-clip objects to walk and no float32 copy of the context kept.
 
@@ -44,14 +45,16 @@ import numpy as np
 from features.reader import FeatureSet, absolute
 from features.schema import shard_frame_arrays
 from outputs import fsync_path, is_temporary, read_json_object, user_cache, write_atomically, write_json
-from train.data import step_frames_mask
+from train.data import step_frames_mask, steps_every_frame
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "CACA_STEPS_DIR"
 # Bump when the layout or the choice of a clip's steps changes: older folders are then never read.
 CACHE_VERSION = 1
-OFFSETS_FILE = "offsets.npy"
+OFFSETS = "offsets"
+# The files of the steps of the models that step through every frame end so; the others' end in ".npy" alone.
+EVERY_FRAME_SUFFIX = ".every-frame"
 SOURCE_FILE = "source.json"  # the shards a folder was made from: which folders hold earlier versions of them
 LOCK_FILE = "lock"
 # Held shared by every process using a folder, for its life: a folder is removed only when no one holds it.
@@ -78,6 +81,7 @@ class PackedSteps:
 
     offsets: np.ndarray  # int64, one more than the clips, from 0
     arrays: dict[str, np.ndarray]  # input name -> (all steps, ...) in the stored dtype
+    every_frame: bool  # whose steps: the models' that step through every frame, or the others' (train.data)
     folder: Path | None = None  # the cache folder the arrays are mapped from; None: in memory
     lengths: np.ndarray = field(init=False)
 
@@ -93,29 +97,37 @@ class PackedSteps:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if self.folder is not None:
-            self.offsets = np.load(self.folder / OFFSETS_FILE, allow_pickle=False)
-            self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            self.offsets = np.load(step_file(self.folder, OFFSETS, self.every_frame), allow_pickle=False)
+            self.arrays = {name: np.load(step_file(self.folder, name, self.every_frame), mmap_mode="r",
+                                         allow_pickle=False)
                            for name in state["arrays"]}
             self.__post_init__()
 
 
-def step_offsets(features: FeatureSet) -> np.ndarray:
-    """Where each clip's steps start in the packed arrays (has_face only: one byte per frame)."""
+def step_file(folder: Path, name: str, every_frame: bool) -> Path:
+    """The cache file of the offsets (OFFSETS) or of input `name`, for the steps of either kind of model."""
+    return folder / f"{name}{EVERY_FRAME_SUFFIX if every_frame else ''}.npy"
+
+
+def step_offsets(features: FeatureSet, inputs: tuple[str, ...]) -> np.ndarray:
+    """Where each clip's steps for a model of `inputs` start in the packed arrays (has_face only: one byte per
+    frame)."""
     counts = []
     for number, shard in enumerate(features.shards):
         has_face = features.read_shard(number, ("has_face",))["has_face"]
         for start, length in zip(shard.table["start"], shard.table["length"]):
-            counts.append(int(step_frames_mask(has_face[start: start + length]).sum()))
+            counts.append(int(step_frames_mask(has_face[start: start + length], inputs).sum()))
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
 
-def fill_steps(features: FeatureSet, name: str, offsets: np.ndarray, out: np.ndarray) -> None:
-    """Write every clip's steps of `name` into `out`: one whole read of the array per shard."""
+def fill_steps(features: FeatureSet, name: str, inputs: tuple[str, ...], offsets: np.ndarray, out: np.ndarray) -> None:
+    """Write every clip's steps of `name`, for a model of `inputs`, into `out`: one whole read of the array per
+    shard."""
     clip = 0
     for number, shard in enumerate(features.shards):
-        whole = features.read_shard(number, ("has_face", name))
+        whole = features.read_shard(number, tuple(dict.fromkeys(("has_face", name))))
         for start, length in zip(shard.table["start"], shard.table["length"]):
-            keep = step_frames_mask(whole["has_face"][start: start + length])
+            keep = step_frames_mask(whole["has_face"][start: start + length], inputs)
             out[offsets[clip]: offsets[clip + 1]] = whole[name][start: start + length][keep]
             clip += 1
 
@@ -126,13 +138,13 @@ def input_layout(features: FeatureSet, name: str) -> tuple[np.dtype, tuple[int, 
 
 
 def packed_in_memory(features: FeatureSet, inputs: tuple[str, ...]) -> PackedSteps:
-    offsets = step_offsets(features)
+    offsets = step_offsets(features, inputs)
     arrays = {}
     for name in inputs:
         dtype, tail = input_layout(features, name)
         arrays[name] = np.empty((int(offsets[-1]), *tail), dtype)
-        fill_steps(features, name, offsets, arrays[name])
-    return PackedSteps(offsets, arrays)
+        fill_steps(features, name, inputs, offsets, arrays[name])
+    return PackedSteps(offsets, arrays, steps_every_frame(inputs))
 
 
 def cache_key(features: FeatureSet) -> str:
@@ -269,11 +281,10 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(file, array)
 
 
-def cached_array(folder: Path, name: str, dtype: np.dtype, shape: tuple[int, ...],
+def cached_array(path: Path, dtype: np.dtype, shape: tuple[int, ...],
                  fill: Callable[[np.ndarray], None]) -> tuple[np.ndarray, bool]:
-    """The cache's `name` array, written first (whole, then renamed into place) unless a fitting one
+    """The cache's array at `path`, written first (whole, then renamed into place) unless a fitting one
     is there; and whether it was written now."""
-    path = folder / f"{name}.npy"
     array = mapped(path, lambda found: found.dtype == dtype and found.shape == shape)
     if array is not None:
         return array, False
@@ -294,27 +305,29 @@ def cached_steps(features: FeatureSet, inputs: tuple[str, ...], root: Path) -> t
     folder = root / cache_key(features)
     folder.mkdir(parents=True, exist_ok=True)
     hold_in_use(folder)
+    every_frame = steps_every_frame(inputs)
     written = []
     with locked(folder / LOCK_FILE):
         remove_leftovers(folder)
-        offsets = mapped(folder / OFFSETS_FILE, offsets_fit(features))
+        offsets_file = step_file(folder, OFFSETS, every_frame)
+        offsets = mapped(offsets_file, offsets_fit(features))
         if offsets is None:
-            computed = step_offsets(features)
-            synced_marker(folder / OFFSETS_FILE).unlink(missing_ok=True)
-            write_atomically(folder / OFFSETS_FILE, lambda tmp: save_npy(tmp, computed))
-            offsets = np.load(folder / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
-            written.append("offsets")
+            computed = step_offsets(features, inputs)
+            synced_marker(offsets_file).unlink(missing_ok=True)
+            write_atomically(offsets_file, lambda tmp: save_npy(tmp, computed))
+            offsets = np.load(offsets_file, mmap_mode="r", allow_pickle=False)
+            written.append(OFFSETS)
         arrays = {}
         for name in inputs:
             dtype, tail = input_layout(features, name)
-            arrays[name], new = cached_array(folder, name, dtype, (int(offsets[-1]), *tail),
-                                             lambda out, name=name: fill_steps(features, name, offsets, out))
+            arrays[name], new = cached_array(step_file(folder, name, every_frame), dtype, (int(offsets[-1]), *tail),
+                                             lambda out, name=name: fill_steps(features, name, inputs, offsets, out))
             written += [name] if new else []
         if written:
             source = {"shards": shard_paths(features), "clips": len(features)}
             write_json(folder / SOURCE_FILE, source)
-            sync_in_background([folder / f"{name}.npy" for name in written])
-    return PackedSteps(np.array(offsets), arrays, folder), written
+            sync_in_background([step_file(folder, name, every_frame) for name in written])
+    return PackedSteps(np.array(offsets), arrays, every_frame, folder), written
 
 
 def shard_paths(features: FeatureSet) -> list[str]:
@@ -349,7 +362,8 @@ def preload_steps(features: FeatureSet, inputs: tuple[str, ...], what: str, log:
     for folder, size in remove_replaced(root, steps.folder, shard_paths(features)):
         log(f"removed {folder}, the steps cache of earlier versions of these shards ({size / 1e9:.2f} GB)")
     if written:
-        log(f"cached the {what} steps ({', '.join(written)}) in {steps.folder} in {time.perf_counter() - started:.0f} s"
+        kind = "every frame: " if steps.every_frame else ""
+        log(f"cached the {what} steps ({kind}{', '.join(written)}) in {steps.folder} in {time.perf_counter() - started:.0f} s"
             f" ({cache_bytes(steps.folder) / 1e9:.2f} GB; later runs of these shards map it; delete it any time)")
     else:
         logger.info("%s steps mapped from %s", what, steps.folder)
