@@ -8,7 +8,8 @@ The set (written once through `features.ShardWriter`, then reused): CHEAVD 2.0's
 (4,917 train and 707 val clips, times `--scale`), clips of 1 + a log-normal number of seconds
 (median 2.7 s, mean 3.3 s, 77% at most 4 s, capped at 19 s) at 5 fps, 10% of frames without a
 face, SqueezeNet-sized 25088-d context (non-negative like pooled ReLU maps, half zeros) stored as
-float16 in gzip shards of 64 clips, as `extract` writes them. Labels are drawn with LABEL_SHARES.
+float16, a voice of `extract`'s default size (128-d log-mel statistics) with 5% of frames without
+audio, in gzip shards of 64 clips, as `extract` writes them. Labels are drawn with LABEL_SHARES.
 
 Each model trains in a fresh process through `train.loop.train_model` itself (the paper's
 settings: Adam, lr 1e-4, batch 32; preloaded; `--precision`), for `--epochs` epochs; the epoch
@@ -47,8 +48,8 @@ from features.labels import CHEAVD_CLASSES  # noqa: E402
 from features.reader import open_features, write_index  # noqa: E402
 from features.schema import FACE_DIM, ClipFeatures, shard_name  # noqa: E402
 from features.writer import ShardWriter  # noqa: E402
-from tests.feature_files import clip_of, extractor_attrs  # noqa: E402
-from train.config import PAPER_SEEDS, MODEL_NAMES, SEEING_MODELS, TrainConfig, parse_models  # noqa: E402
+from tests.feature_files import HEARING, clip_of, extractor_attrs, with_voice  # noqa: E402
+from train.config import PAPER_SEEDS, MODEL_NAMES, TRAINABLE_MODELS, TrainConfig, parse_models  # noqa: E402
 from train.models import PAPER_CONTEXT_DIM  # noqa: E402
 
 SPLITS = {"train": 4917, "val": 707}  # CHEAVD 2.0 (MEC 2017)
@@ -56,6 +57,7 @@ MIN_SECONDS, MAX_SECONDS = 1.0, 19.0
 # Seconds beyond the first: log-normal, mean 2.3 s, so clips average 3.3 s and most last 1-4 s.
 EXTRA_SECONDS_LOG_MEAN, EXTRA_SECONDS_LOG_SD = 0.552, 0.75
 FACELESS_SHARE = 0.1
+SILENT_SHARE = 0.05  # frames no audio covers (a track ending early, or starting late)
 # CHEAVD 2.0's published class counts were not at hand: an assumed skew of the same kind
 # (neutral most, then happy and angry; surprise and disgust rarest), by CHEAVD_CLASSES order.
 LABEL_SHARES = {"happy": 0.20, "sad": 0.11, "angry": 0.14, "surprise": 0.05, "disgust": 0.05,
@@ -89,13 +91,14 @@ def cheavd_clip(clip_id: str, label: str, rng: np.random.Generator) -> ClipFeatu
     has_face[0] = True
     face = rng.standard_normal((frames, FACE_DIM), np.float32)
     context = np.maximum(rng.standard_normal((frames, PAPER_CONTEXT_DIM), np.float32), 0).astype(np.float16)
-    return clip_of(clip_id, label, has_face, face, context)
+    audio = rng.standard_normal((frames, HEARING["audio_dim"]), np.float32)
+    return with_voice(clip_of(clip_id, label, has_face, face, context), audio, rng.random(frames) >= SILENT_SHARE)
 
 
 def write_split(folder: Path, split: str, count: int, rng: np.random.Generator) -> None:
     folder.mkdir(parents=True)
     labels = rng.choice(CHEAVD_CLASSES, size=count, p=[LABEL_SHARES[name] for name in CHEAVD_CLASSES])
-    attrs = extractor_attrs(split=split, context_dim=PAPER_CONTEXT_DIM)
+    attrs = extractor_attrs(split=split, context_dim=PAPER_CONTEXT_DIM, **HEARING)
     for first in range(0, count, SHARD_CLIPS):
         with ShardWriter(folder / shard_name(first // SHARD_CLIPS), attrs) as writer:
             for i in range(first, min(first + SHARD_CLIPS, count)):
@@ -106,7 +109,8 @@ def write_split(folder: Path, split: str, count: int, rng: np.random.Generator) 
 def ensure_set(root: Path, scale: float) -> dict:
     """The set's description; the set is written unless `root` already holds it. A folder holding
     anything else is refused, never overwritten."""
-    description = {"splits": clip_counts(scale), "scale": scale, "context_dim": PAPER_CONTEXT_DIM, "seed": 0}
+    description = {"splits": clip_counts(scale), "scale": scale, "context_dim": PAPER_CONTEXT_DIM,
+                   "audio_dim": HEARING["audio_dim"], "seed": 0}
     marker = root / SET_FILE
     if marker.is_file() and json.loads(marker.read_text()) == description:
         return description
@@ -360,14 +364,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", type=Path, required=True,
                         help="Folder of the set: written if new or empty, reused if it holds the same set.")
-    parser.add_argument("--models", default=",".join(SEEING_MODELS),
-                        help="Comma-separated models to time (the set holds no voice: not those that hear).")
+    parser.add_argument("--models", default=",".join(TRAINABLE_MODELS),
+                        help="Comma-separated models to time (default: every one, those that hear included).")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present).")
     parser.add_argument("--scale", type=float, default=1.0, help="Fraction of CHEAVD 2.0's clip counts.")
     parser.add_argument("--epochs", type=int, default=3, help="Epochs per model; the fastest is shown.")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
                         help="Training precision (train --precision).")
-    parser.add_argument("--jobs-model", default=FLOOR_MODEL, choices=SEEING_MODELS,
+    parser.add_argument("--jobs-model", default=FLOOR_MODEL, choices=TRAINABLE_MODELS,
                         help="The model whose memory is measured for `compare --jobs 2` against one job.")
     args = parser.parse_args()
     try:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 
 from benchmarks import extract_benchmark, gpu_check, open_benchmark, paper_scale
@@ -35,6 +36,9 @@ def test_paper_scale_writes_a_cheavd_shaped_set_and_reuses_it(tiny_set):
     with open_features(root / "train") as features:
         assert len(features) == 20
         assert features.attrs["context_dim"] == paper_scale.PAPER_CONTEXT_DIM
+        assert features.attrs["audio_dim"] == description["audio_dim"] == 128  # every model can be timed on it
+        heard = np.concatenate([features[clip_id]["has_audio"] for clip_id in features.clip_ids])
+        assert 0.8 < heard.mean() < 1
     written = {path: path.stat().st_mtime_ns for path in root.rglob("*.h5")}
     assert paper_scale.ensure_set(root, TINY) == description
     assert {path: path.stat().st_mtime_ns for path in root.rglob("*.h5")} == written
