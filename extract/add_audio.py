@@ -35,7 +35,7 @@ from extract.clips import audio_settings
 from extract.settings import AUDIO_RATE, check_audio_features
 from extract.video import VideoError, probe, read_audio
 from features.reader import FeatureSet, ShardInfo, absolute, open_features, read_shard_info, write_index
-from features.recipe import FeatureRecipe
+from features.recipe import AUDIO_FIELDS, FeatureRecipe
 from features.schema import CONTENT_SHA256, AudioTrack, FeatureFileError, hears, shard_name
 from features.tools import clip_features, stored_facts
 from features.writer import ShardWriter, only_writer, writes_into_set
@@ -44,7 +44,6 @@ from outputs import check_output_folder, same_file
 
 # A shard made by add-audio records the source shard it came from (its content hash): provenance, not a setting.
 AUDIO_ADDED_TO = "audio_added_to"
-AUDIO_RECIPE_KEYS = tuple(field.name for field in dataclasses.fields(FeatureRecipe) if field.name.startswith("audio_"))
 # A video whose duration or frame rate differs from what the shard records by more than this is another video.
 SAME_VIDEO_TOLERANCE = 0.05
 
@@ -97,7 +96,7 @@ def done_before(target: Path, source: ShardInfo, recipe: FeatureRecipe) -> bool:
 
 def write_with_audio(features: FeatureSet, shard: ShardInfo, target: Path, recipe: FeatureRecipe,
                      videos: dict[str, Path], framer, bar: tqdm) -> None:
-    attrs = {**shard.attrs, **{key: getattr(recipe, key) for key in AUDIO_RECIPE_KEYS},
+    attrs = {**shard.attrs, **{key: getattr(recipe, key) for key in AUDIO_FIELDS},
              AUDIO_ADDED_TO: shard.attrs.get(CONTENT_SHA256, "")}
     with ShardWriter.repacking(target, attrs, stored_facts(shard)[1]) as writer:
         for row, clip_id in enumerate(shard.table["clip_id"]):
@@ -107,7 +106,6 @@ def write_with_audio(features: FeatureSet, shard: ShardInfo, target: Path, recip
             writer.add_clip(dataclasses.replace(clip, audio=heard.audio, has_audio=heard.has_audio,
                                                 audio_track=heard.track))
             bar.update()
-
 
 
 def heard_at(path: Path | None, timestamps: np.ndarray, expected: tuple[float, float], recipe: FeatureRecipe,

@@ -121,6 +121,7 @@ class LogMel:
         # contend with the networks' (measured: extraction took 1.28x its time without audio, then 1.06x).
         mel = librosa.filters.mel(sr=self.rate, n_fft=self.n_fft, n_mels=recipe.audio_bands)
         self.mel = scipy.sparse.csr_matrix(mel.astype(np.float64))
+        self.width = recipe.audio_bands  # values per analysis frame
 
     def start(self) -> None:
         """A new stretch: half a frame of zeros before its first sample, as `center=True` pads."""
@@ -136,12 +137,12 @@ class LogMel:
         self.pending.append(samples)
         self.waiting += len(samples)
         if self.waiting < BATCH_SECONDS * self.rate and not last:
-            return np.zeros(0), np.zeros((0, self.mel.shape[0]), np.float32)
+            return np.zeros(0), np.zeros((0, self.width), np.float32)
         self.buffer = np.concatenate([self.buffer, *self.pending, np.zeros(self.n_fft // 2) if last else []])
         self.pending, self.waiting = [], 0
         count = max(0, (len(self.buffer) - self.n_fft) // self.hop + 1)
         if not count:
-            return np.zeros(0), np.zeros((0, self.mel.shape[0]), np.float32)
+            return np.zeros(0), np.zeros((0, self.width), np.float32)
         frames = np.lib.stride_tricks.sliding_window_view(self.buffer, self.n_fft)[::self.hop][:count]
         power = np.abs(np.fft.rfft(frames * self.window, n=self.n_fft, axis=1)) ** 2
         features = np.log(np.maximum((self.mel @ power.T).T, LOG_FLOOR)).astype(np.float32)
@@ -161,6 +162,7 @@ class Egemaps:
             raise AudioUnavailable("--audio-features egemaps needs openSMILE: pip install 'caca-rnn[egemaps]'"
                                    " (audEERING's research licence: free for non-commercial use)") from None
         self.rate = recipe.audio_rate
+        self.width = len(EGEMAPS_DESCRIPTORS)
         self.smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
                                      feature_level=opensmile.FeatureLevel.LowLevelDescriptors)
 
@@ -170,9 +172,9 @@ class Egemaps:
     def add(self, samples: np.ndarray, last: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(centre times in seconds from the stretch's start, features) once the stretch ends; nothing before."""
         self.samples.append(samples.astype(np.float32))
-        signal = np.concatenate(self.samples)
-        if not last or not len(signal):
-            return np.zeros(0), np.zeros((0, len(EGEMAPS_DESCRIPTORS)), np.float32)
+        signal = np.concatenate(self.samples) if last else np.zeros(0)  # joined once, at the stretch's end
+        if not len(signal):
+            return np.zeros(0), np.zeros((0, self.width), np.float32)
         table = self.smile.process_signal(signal, self.rate)
         starts = table.index.get_level_values("start").total_seconds().to_numpy()
         ends = table.index.get_level_values("end").total_seconds().to_numpy()
@@ -320,7 +322,7 @@ class TrackReader:
             clip = self.finish()
         except Exception as exc:  # as in `feed`
             logger.info("audio analysis failed", exc_info=exc)
-            clip = ClipAudio(np.zeros(0), np.zeros((0, self.feature_width()), np.float32),
+            clip = ClipAudio(np.zeros(0), np.zeros((0, self.framer.width), np.float32),
                              AudioTrack(self.track.codec, self.track.rate, self.track.channels,
                                         f"audio not analysed ({type(exc).__name__}: {exc})"))
         audio, has_audio = clip.steps(np.asarray(timestamps), self.recipe.audio_window, self.recipe.audio_hop)
@@ -334,7 +336,7 @@ class TrackReader:
         for start, times, values in self.stretches:
             centres.append(start + (np.concatenate(times) if times else np.zeros(0)) - self.video_origin)
             features.append(np.concatenate(values) if values else np.zeros((0, 0), np.float32))
-        width = self.feature_width()
+        width = self.framer.width
         features = [f.reshape(len(c), width) for c, f in zip(centres, features)]
         centres = np.concatenate(centres) if centres else np.zeros(0)
         features = np.concatenate(features) if features else np.zeros((0, width), np.float32)
@@ -346,6 +348,3 @@ class TrackReader:
         elif track.codec and not len(centres):
             track = AudioTrack(track.codec, track.rate, track.channels, "no decodable audio")
         return ClipAudio(centres[order], features[order].astype(np.float32), track)
-
-    def feature_width(self) -> int:
-        return self.recipe.audio_bands if isinstance(self.framer, LogMel) else len(EGEMAPS_DESCRIPTORS)

@@ -32,7 +32,9 @@ MAX_CONTEXT_DIM = 1 << 18
 MAX_AUDIO_DIM = 1 << 12
 AUDIO_SETTINGS = ("audio_rate", "audio_frame", "audio_hop", "audio_bands", "audio_window", "audio_dim")
 # The audio settings of a recipe without audio.
-NO_AUDIO_SETTINGS = {key: SETTING_DEFAULTS[key] for key in ("audio_features", *AUDIO_SETTINGS)}
+# Every audio field of a recipe: which features, and their settings.
+AUDIO_FIELDS = ("audio_features", *AUDIO_SETTINGS)
+NO_AUDIO_SETTINGS = {key: SETTING_DEFAULTS[key] for key in AUDIO_FIELDS}
 # How an attribute one side lacks is shown in a difference.
 MISSING = "(missing)"
 # What each setting of a recipe may hold, whichever extractor made it: readers compute with these
@@ -131,7 +133,7 @@ def value_problems(values: dict) -> list[str]:
 
 def audio_problems(values: dict) -> list[str]:
     """A recipe without audio has every audio setting 0, one with audio none 0 but its bands."""
-    if "audio_features" not in values or any(key not in values for key in AUDIO_SETTINGS):
+    if any(key not in values for key in AUDIO_FIELDS):
         return []
     settings = {key: values[key] for key in AUDIO_SETTINGS}
     if values["audio_features"] == NO_AUDIO:
